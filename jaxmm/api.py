@@ -1,0 +1,37 @@
+"""The public API: load a converted folder, run the forward, generate."""
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from jaxmm import checkpoint, registry
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+  """A loaded model: its family, frozen config and params pytree (plus where it came from)."""
+  family: str
+  config: Any
+  params: Any
+  path: Path | None = None
+
+
+def load(path, dtype=None) -> Model:
+  """Opens a folder written by `jaxmm convert` (or by training). `dtype` casts float params."""
+  meta = checkpoint.read_meta(path)
+  mod = registry.family_module(meta["family"])
+  cfg = mod.Config.from_dict(meta["config"])
+  if dtype is not None:
+    cfg = dataclasses.replace(cfg, dtype=str(dtype)) if hasattr(cfg, "dtype") else cfg
+  params = checkpoint.load_params(path, dtype=dtype)
+  return Model(meta["family"], cfg, params, Path(path))
+
+
+def forward(m: Model, **inputs):
+  """Runs the family's jitted forward; returns its output dataclass (e.g. `.logits`)."""
+  return registry.family_module(m.family).forward(m.config, m.params, **inputs)
+
+
+def generate(m: Model, **inputs):
+  """Greedy generation with a KV cache; see `jaxmm.generation.generate`."""
+  from jaxmm import generation  # local import: generation imports the model modules
+  return generation.generate(m.config, m.params, **inputs)

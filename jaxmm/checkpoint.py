@@ -1,0 +1,126 @@
+"""Orbax persistence: converted model folders and resumable training checkpoints.
+
+A model folder (what `jaxmm convert` and training write, what `jaxmm.load` opens):
+  jaxmm.json   {"format": 1, "family": ..., "config": {...}}
+  params/      the params pytree (orbax)
+  ...          tokenizer / processor files, copied verbatim
+Writes are atomic: everything goes to a temporary sibling folder that is renamed at the end.
+"""
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from jaxmm.errors import JaxmmError
+
+META = "jaxmm.json"
+FORMAT = 1
+
+
+@contextlib.contextmanager
+def atomic_dir(out, overwrite: bool = False):
+  """Yields a temporary folder that becomes `out` only if the block finishes without error."""
+  out = Path(out).absolute()
+  if out.exists() and not overwrite:
+    raise JaxmmError(f"output folder {out} already exists (remove it or pass --overwrite)")
+  out.parent.mkdir(parents=True, exist_ok=True)
+  tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+  try:
+    yield tmp
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  old = None
+  if out.exists():
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    os.rename(out, old)
+  os.rename(tmp, out)
+  if old is not None:
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def write_params(folder, params) -> None:
+  """Saves a params pytree under folder/params with orbax (blocking)."""
+  ckptr = ocp.StandardCheckpointer()
+  ckptr.save(Path(folder).absolute() / "params", params)
+  ckptr.wait_until_finished()
+
+
+def save_model(out, family: str, config: dict, params, extra_files=(), overwrite=False) -> Path:
+  """Atomically writes a model folder. `extra_files` are copied next to the params."""
+  with atomic_dir(out, overwrite) as tmp:
+    write_params(tmp, params)
+    for f in extra_files:
+      shutil.copy2(f, tmp / Path(f).name)
+    (tmp / META).write_text(json.dumps({"format": FORMAT, "family": family, "config": config},
+                                       indent=2))
+  return Path(out)
+
+
+def read_meta(path) -> dict:
+  path = Path(path)
+  meta_file = path / META
+  if not path.is_dir():
+    raise JaxmmError(f"model folder {path} does not exist")
+  if not meta_file.is_file():
+    raise JaxmmError(f"{path} is not a jaxmm model folder (no {META}); convert it with `jaxmm convert`")
+  try:
+    meta = json.loads(meta_file.read_text())
+  except json.JSONDecodeError as e:
+    raise JaxmmError(f"{meta_file} is corrupt: {e}") from None
+  if meta.get("format") != FORMAT or "family" not in meta or "config" not in meta:
+    raise JaxmmError(f"{meta_file} has an unsupported layout (format {meta.get('format')!r})")
+  return meta
+
+
+def load_params(path, dtype=None):
+  """Restores the params pytree of a model folder as numpy-backed jax arrays."""
+  pdir = Path(path).absolute() / "params"
+  if not pdir.is_dir():
+    raise JaxmmError(f"{path} has no params/ folder")
+  try:
+    params = ocp.StandardCheckpointer().restore(pdir)
+  except Exception as e:  # orbax raises many types for a damaged folder
+    raise JaxmmError(f"cannot read params from {pdir}: {type(e).__name__}: {e}") from None
+  if dtype is not None:
+    params = jax.tree.map(lambda x: x.astype(dtype) if np.issubdtype(x.dtype, np.floating) else x,
+                          params)
+  return params
+
+
+class TrainCheckpointer:
+  """Periodic, resumable training checkpoints: a state pytree plus JSON metadata per step.
+
+  `restore_latest(template)` returns (step, state, meta) or None when nothing was saved. A run
+  killed mid-save leaves no half checkpoint: orbax finalises a step by an atomic rename.
+  """
+
+  def __init__(self, directory, max_to_keep: int = 2):
+    self.directory = Path(directory).absolute()
+    self._mgr = ocp.CheckpointManager(
+        self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
+
+  def latest_step(self):
+    return self._mgr.latest_step()
+
+  def save(self, step: int, state, meta: dict | None = None) -> None:
+    self._mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                 meta=ocp.args.JsonSave(meta or {})))
+    self._mgr.wait_until_finished()
+
+  def restore_latest(self, template):
+    step = self._mgr.latest_step()
+    if step is None:
+      return None
+    out = self._mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(template),
+                                                          meta=ocp.args.JsonRestore()))
+    return step, out["state"], dict(out["meta"])
+
+  def close(self):
+    self._mgr.close()

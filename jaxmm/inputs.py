@@ -1,0 +1,28 @@
+"""Validation and defaults for model inputs, done on the host before anything is traced."""
+import jax.numpy as jnp
+import numpy as np
+
+from jaxmm.errors import InputError
+
+
+def positions_from_mask(mask_BxT):
+  """Position ids that skip padding: the number of valid tokens before each slot (0 on padding)."""
+  return jnp.maximum(jnp.cumsum(mask_BxT.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def text_inputs(input_ids, attention_mask=None, position_ids=None):
+  """Returns (ids i32[B,T], mask bool[B,T], positions i32[B,T]) after checking shapes."""
+  ids = jnp.asarray(input_ids)
+  if ids.ndim != 2 or not jnp.issubdtype(ids.dtype, jnp.integer):
+    raise InputError(f"input_ids must be an integer array [batch, length], got {ids.dtype}{list(ids.shape)}")
+  if ids.shape[1] == 0:
+    raise InputError("input_ids is empty: the prompt has no tokens")
+  mask = jnp.ones(ids.shape, bool) if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
+  if mask.shape != ids.shape:
+    raise InputError(f"attention_mask shape {list(mask.shape)} != input_ids shape {list(ids.shape)}")
+  if not bool(np.all(np.asarray(mask).any(axis=1))):
+    raise InputError("attention_mask: some example has no valid token (empty prompt)")
+  pos = positions_from_mask(mask) if position_ids is None else jnp.asarray(position_ids, jnp.int32)
+  if pos.shape != ids.shape:
+    raise InputError(f"position_ids shape {list(pos.shape)} != input_ids shape {list(ids.shape)}")
+  return ids.astype(jnp.int32), mask, pos

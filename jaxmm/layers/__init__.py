@@ -1,0 +1,1 @@
+"""Flax layers shared by the model families."""

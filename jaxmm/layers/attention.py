@@ -1,0 +1,66 @@
+"""Multi-head attention: causal GQA with a KV cache (LLaMA) and bidirectional MHA (CLIP)."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxmm.layers import rope as rope_lib
+
+
+def attend(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask_BxTxS, scale):
+  """Softmax attention with grouped KV heads (H = G * rep). Softmax in float32.
+
+  Masked-out keys get the most negative finite value (not -inf), so a fully masked query row
+  (a left-padding slot) yields a uniform average instead of NaN, as in transformers.
+  """
+  b, t, h, kd = q_BxTxHxK.shape
+  g = k_BxSxGxK.shape[2]
+  q = q_BxTxHxK.reshape(b, t, g, h // g, kd)
+  s = jnp.einsum("btgrk,bsgk->bgrts", q, k_BxSxGxK, preferred_element_type=jnp.float32) * scale
+  if mask_BxTxS is not None:
+    s = jnp.where(mask_BxTxS[:, None, None], s, jnp.finfo(jnp.float32).min)
+  p = jax.nn.softmax(s, axis=-1).astype(v_BxSxGxK.dtype)
+  out = jnp.einsum("bgrts,bsgk->btgrk", p, v_BxSxGxK)
+  return out.reshape(b, t, h * kd)
+
+
+class CausalSelfAttention(nn.Module):
+  """LLaMA attention. `cache` = (k f[B,S,G,K], v f[B,S,G,K], write index i32[]) or None.
+
+  With a cache the new keys/values are written at the index and attention runs over all S slots;
+  the mask decides which slots are visible.
+  """
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  use_bias: bool = False
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BxTxD, sin_cos, mask_BxTxS, cache=None):
+    b, t, d = x_BxTxD.shape
+    dense = lambda n, name: nn.Dense(n, use_bias=self.use_bias, dtype=self.dtype, name=name)
+    q = dense(self.num_heads * self.head_dim, "q")(x_BxTxD).reshape(b, t, self.num_heads, -1)
+    k = dense(self.num_kv_heads * self.head_dim, "k")(x_BxTxD).reshape(b, t, self.num_kv_heads, -1)
+    v = dense(self.num_kv_heads * self.head_dim, "v")(x_BxTxD).reshape(b, t, self.num_kv_heads, -1)
+    q, k = rope_lib.apply_rope(q, *sin_cos), rope_lib.apply_rope(k, *sin_cos)
+    if cache is not None:
+      k_cache, v_cache, idx = cache
+      k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), idx, axis=1)
+      v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), idx, axis=1)
+      cache = (k, v, idx)
+    out = attend(q, k, v, mask_BxTxS, self.head_dim ** -0.5)
+    return nn.Dense(d, use_bias=self.use_bias, dtype=self.dtype, name="o")(out), cache
+
+
+class BidirectionalAttention(nn.Module):
+  """CLIP attention: biased q/k/v/o projections, no mask."""
+  num_heads: int
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BxNxD):
+    b, n, d = x_BxNxD.shape
+    split = lambda y: y.reshape(b, n, self.num_heads, d // self.num_heads)
+    q, k, v = (split(nn.Dense(d, dtype=self.dtype, name=nm)(x_BxNxD)) for nm in ("q", "k", "v"))
+    out = attend(q, k, v, None, (d // self.num_heads) ** -0.5)
+    return nn.Dense(d, dtype=self.dtype, name="o")(out)

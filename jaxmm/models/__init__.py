@@ -1,0 +1,1 @@
+"""Model families: plain forward functions over params pytrees."""

@@ -1,0 +1,61 @@
+"""CLIP ViT vision tower (pre-LN transformer with a class token and learned positions)."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxmm.config import ClipVisionConfig
+from jaxmm.layers.attention import BidirectionalAttention
+from jaxmm.layers.mlp import Mlp
+
+Config = ClipVisionConfig
+
+
+class EncoderLayer(nn.Module):
+  cfg: ClipVisionConfig
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BxNxD):
+    cfg = self.cfg
+    ln = lambda name: nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=self.dtype, name=name)
+    x = x_BxNxD + BidirectionalAttention(cfg.num_heads, self.dtype, name="attn")(ln("ln1")(x_BxNxD))
+    mlp = Mlp(cfg.intermediate_size, cfg.hidden_size, cfg.hidden_act, dtype=self.dtype, name="mlp")
+    return x + mlp(ln("ln2")(x))
+
+
+def _layer_norm(cfg, p, x, dtype):
+  return nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=dtype).apply({"params": p}, x)
+
+
+def embed(cfg: ClipVisionConfig, params, pixels_BxCxHxW, dtype=jnp.float32):
+  """Patch + class + position embeddings, then the pre-LayerNorm: f[B, 1+Np, Dv].
+
+  The stride-P convolution is a matmul over (row, col, channel)-ordered patches, which is
+  exactly the HWIO kernel flattened.
+  """
+  b, c, h, w = pixels_BxCxHxW.shape
+  p = cfg.patch_size
+  x = pixels_BxCxHxW.astype(dtype).reshape(b, c, h // p, p, w // p, p)
+  x = x.transpose(0, 2, 4, 3, 5, 1).reshape(b, (h // p) * (w // p), p * p * c)
+  kernel = params["patch_embed"]["kernel"].astype(dtype).reshape(p * p * c, -1)
+  patches = x @ kernel
+  cls = jnp.broadcast_to(params["class_embed"].astype(dtype), (b, 1, patches.shape[-1]))
+  x = jnp.concatenate([cls, patches], axis=1) + params["pos_embed"].astype(dtype)[None]
+  return _layer_norm(cfg, params["pre_ln"], x, dtype)
+
+
+def hidden_states(cfg: ClipVisionConfig, params, pixels_BxCxHxW, upto: int, dtype=jnp.float32):
+  """f[upto+1, B, 1+Np, Dv]: the embedding output and the outputs of layers 0..upto-1.
+
+  Index i is transformers' `hidden_states[i]`; only the layers needed are run.
+  """
+  x = embed(cfg, params, pixels_BxCxHxW, dtype)
+  layer = EncoderLayer(cfg, dtype)
+  layers_p = jax.tree.map(lambda a: a[:upto], params["layers"])
+
+  def body(x, p):
+    y = layer.apply({"params": p}, x)
+    return y, y
+
+  _, ys = jax.lax.scan(body, x, layers_p)
+  return jnp.concatenate([x[None], ys], axis=0)

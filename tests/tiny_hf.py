@@ -1,0 +1,54 @@
+"""Tiny random Hugging Face models built from a config (no download), and their jaxmm params."""
+import numpy as np
+import torch
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+from converters import common
+from converters import llava as llava_conv
+
+IMAGE_TOKEN = 100
+
+
+def llava_hf_config(gqa=True, feature_layer=-2, strategy="default", **text_kw) -> LlavaConfig:
+  vc = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                        num_attention_heads=4, image_size=28, patch_size=7)
+  tc = LlamaConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                   num_key_value_heads=2 if gqa else 4, vocab_size=120, head_dim=12,
+                   eos_token_id=2, pad_token_id=0, **text_kw)
+  return LlavaConfig(vision_config=vc, text_config=tc, image_token_index=IMAGE_TOKEN,
+                     vision_feature_layer=feature_layer, vision_feature_select_strategy=strategy)
+
+
+def tiny_llava(seed=0, **kw):
+  """(torch model in eval mode, jaxmm config, jaxmm params) with identical random weights."""
+  torch.manual_seed(seed)
+  model = LlavaForConditionalGeneration(llava_hf_config(**kw)).eval()
+  return (model, *to_jaxmm(model))
+
+
+def to_jaxmm(model):
+  sd = model.state_dict()
+  conv = llava_conv.plan_llava if model.config.model_type == "llava" else llava_conv.plan_llama
+  plan = conv(model.config.to_dict(), list(sd))
+  params = common.convert(common.TensorSource.from_state_dict(sd), plan.rules, ignore=plan.ignore)
+  return plan.config, params
+
+
+def llava_batch(cfg, seed=0, pad=(0, 2), prefix=3, suffix=5):
+  """Left-padded batch of 2: text, image placeholders, text. Returns (ids, mask, pixels)."""
+  rng = np.random.default_rng(seed)
+  b = len(pad)
+  ids = np.concatenate([rng.integers(3, IMAGE_TOKEN, (b, prefix)),
+                        np.full((b, cfg.num_image_tokens), IMAGE_TOKEN),
+                        rng.integers(3, IMAGE_TOKEN, (b, suffix))], axis=1)
+  mask = np.ones_like(ids)
+  for i, p in enumerate(pad):
+    mask[i, :p] = 0
+    ids[i, :p] = 0
+  px = rng.standard_normal((b, 3, cfg.vision.image_size, cfg.vision.image_size)).astype(np.float32)
+  return ids, mask, px
+
+
+def hf_positions(mask):
+  """Position ids transformers' generate uses for left-padded prompts."""
+  return np.maximum(np.cumsum(mask, axis=1) - 1, 0)
