@@ -3,6 +3,9 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+import jax
+import jax.numpy as jnp
+
 from jaxmm import checkpoint, registry
 
 
@@ -20,10 +23,17 @@ def load(path, dtype=None) -> Model:
   meta = checkpoint.read_meta(path)
   mod = registry.family_module(meta["family"])
   cfg = mod.Config.from_dict(meta["config"])
-  if dtype is not None:
-    cfg = dataclasses.replace(cfg, dtype=str(dtype)) if hasattr(cfg, "dtype") else cfg
   params = checkpoint.load_params(path, dtype=dtype)
-  return Model(meta["family"], cfg, params, Path(path))
+  # Compute in the dtype the params are stored in (e.g. a `--dtype bfloat16` conversion).
+  leaf = next(x for x in jax.tree.leaves(params) if jnp.issubdtype(x.dtype, jnp.floating))
+  return Model(meta["family"], with_dtype(cfg, jnp.dtype(leaf.dtype).name), params, Path(path))
+
+
+def with_dtype(cfg, dtype: str):
+  """The config with its compute dtype set (for LLaVA: the language model's)."""
+  if hasattr(cfg, "text") and hasattr(cfg.text, "dtype"):
+    return dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, dtype=dtype))
+  return dataclasses.replace(cfg, dtype=dtype) if hasattr(cfg, "dtype") else cfg
 
 
 def forward(m: Model, **inputs):

@@ -24,7 +24,7 @@ _HF_BOOKKEEPING = frozenset({
     "forced_bos_token_id", "forced_eos_token_id", "remove_invalid_values", "early_stopping",
     "diversity_penalty", "num_beam_groups", "encoder_no_repeat_ngram_size",
     "exponential_decay_length_penalty", "suppress_tokens", "begin_suppress_tokens",
-    "tf_legacy_loss", "is_decoder", "embedding_size",
+    "tf_legacy_loss", "is_decoder", "embedding_size", "_model_name_or_path", "unk_token_id",
 })
 
 

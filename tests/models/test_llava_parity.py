@@ -87,3 +87,20 @@ def test_bad_inputs_name_the_problem():
   with pytest.raises(InputError, match="left padding"):
     generation.generate(cfg, params, input_ids=ids, pixel_values=px,
                         attention_mask=mask[:, ::-1].copy(), max_new_tokens=2)
+
+
+def test_bfloat16_load_and_forward(tmp_path):
+  """A bfloat16 conversion computes in bfloat16 and stays close to the fp32 logits."""
+  import jaxmm
+  from converters.cli import convert_folder
+  model, cfg, params = tiny_llava()
+  model.save_pretrained(tmp_path / "hf")
+  convert_folder(tmp_path / "hf", tmp_path / "bf16", dtype="bfloat16")
+  m = jaxmm.load(tmp_path / "bf16")
+  assert m.config.text.dtype == "bfloat16"
+  ids, mask, px = llava_batch(cfg)
+  lo = np.asarray(jaxmm.forward(m, input_ids=ids, pixel_values=px, attention_mask=mask).logits)
+  hi = _hf_logits(model, ids, mask, px)
+  valid = mask.astype(bool)
+  assert lo.dtype == np.float32 and np.isfinite(lo).all()
+  assert np.abs(lo - hi)[valid].max() <= 0.05 * np.abs(hi)[valid].max()
