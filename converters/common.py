@@ -120,16 +120,28 @@ class _SafetensorsFile:
         header = json.loads(f.read(n))
     except (ValueError, UnicodeDecodeError) as e:
       raise ConversionError(f"{path} is not a readable safetensors file ({e})") from None
+    if not isinstance(header, dict):
+      raise ConversionError(f"{path} is not a readable safetensors file (header is not a dict)")
     header.pop("__metadata__", None)
     self.base = 8 + n
     self.meta = header
     for name, m in header.items():
-      end = self.base + m["data_offsets"][1]
-      if m["dtype"] not in _ST_DTYPES:
-        raise ConversionError(f"{path}: tensor {name} has unsupported dtype {m['dtype']}")
-      if end > size:
-        raise ConversionError(f"{path} is truncated: tensor {name} needs {end} bytes, "
-                              f"the file has {size}")
+      self._check_entry(name, m, size)
+
+  def _check_entry(self, name: str, m, size: int) -> None:
+    if isinstance(m, dict) and m.get("dtype") not in _ST_DTYPES:
+      raise ConversionError(f"{self.path}: tensor {name} has unsupported dtype {m.get('dtype')}")
+    try:
+      start, end = m["data_offsets"]
+      nbytes = int(np.prod(m["shape"])) * np.dtype(_ST_DTYPES[m["dtype"]]).itemsize
+    except (KeyError, TypeError, ValueError):
+      raise ConversionError(f"{self.path}: corrupt header entry for tensor {name}: {m}") from None
+    if end - start != nbytes:
+      raise ConversionError(f"{self.path}: tensor {name} spans {end - start} bytes, its shape "
+                            f"and dtype need {nbytes}")
+    if self.base + end > size:
+      raise ConversionError(f"{self.path} is truncated: tensor {name} needs {self.base + end} "
+                            f"bytes, the file has {size}")
 
   def shape(self, name) -> tuple[int, ...]:
     return tuple(self.meta[name]["shape"])
@@ -313,10 +325,11 @@ def check(source: TensorSource, rules: list[Rule], ignore: tuple[str, ...] = ())
   unknown = [n for n in present if n not in table and not (skip and skip.search(n))]
   if unknown:
     raise ConversionError(f"{source.label}: unexpected tensor(s): {_listing(unknown)}")
-  for name, (rule, _) in table.items():
-    got = source.shape(name)
-    if got != rule.shape:
-      raise ConversionError(f"tensor {name}: expected shape {rule.shape}, got {got}")
+  for shard in source.shards():  # shard by shard: a .bin file is released after its group
+    for name in shard:
+      if name in table and source.shape(name) != table[name][0].shape:
+        raise ConversionError(f"tensor {name}: expected shape {table[name][0].shape}, "
+                              f"got {source.shape(name)}")
   return table
 
 

@@ -46,10 +46,18 @@ def atomic_dir(out, overwrite: bool = False):
 
 
 def write_params(folder, params) -> None:
-  """Saves a params pytree under folder/params with orbax (blocking)."""
-  ckptr = ocp.StandardCheckpointer()
-  ckptr.save(Path(folder).absolute() / "params", params)
-  ckptr.wait_until_finished()
+  """Saves a params pytree (numpy or jax arrays) under folder/params with orbax (blocking).
+
+  Nothing is copied on the way: orbax's default numpy handler deep-copies every array first, and
+  compression makes tensorstore buffer each one; each about doubles the peak memory of a large
+  conversion. Trained weights hardly compress anyway.
+  """
+  registry = ocp.type_handlers.create_type_handler_registry(
+      (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)),
+      (jax.Array, ocp.type_handlers.get_type_handler(jax.Array)))
+  handler = ocp.PyTreeCheckpointHandler(use_compression=False, type_handler_registry=registry)
+  with ocp.Checkpointer(handler) as ckptr:
+    ckptr.save(Path(folder).absolute() / "params", args=ocp.args.PyTreeSave(params))
 
 
 def save_model(out, family: str, config: dict, params, extra_files=(), overwrite=False) -> Path:
