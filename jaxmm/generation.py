@@ -1,9 +1,11 @@
-"""Greedy generation with a KV cache: a jitted prefill, then one jitted decode loop.
+"""Greedy generation with KV caches: a jitted prefill (running the pruning schedule), then one
+jitted decode loop.
 
-The decode loop is a `lax.while_loop` that stops when every sequence has emitted EOS, so it
-compiles once per (batch, prompt length, max_new_tokens) and never returns to the host per token.
-Batches are left padded: every prompt ends at the same slot, so all sequences write the cache in
-lockstep.
+The prefill splits the decoder into segments at the schedule's pruning layers; each segment's
+KV cache holds only that segment's tokens. The decode loop is a `lax.while_loop` over all
+segments that stops when every sequence has emitted EOS: it compiles once per (batch, prompt
+length, schedule, max_new_tokens), never re-scores, and never returns to the host per token.
+Batches are left padded, so every prompt ends at the same slot and sequences write in lockstep.
 """
 import functools
 
@@ -13,69 +15,85 @@ import numpy as np
 
 from jaxmm import inputs as inputs_lib
 from jaxmm.errors import InputError
-from jaxmm.models import llama, llava
+from jaxmm.models import llama, llava, segments as seg_lib
+from jaxmm.pruning.state import TokenState
 
 
-def _text_parts(cfg, params):
+def text_parts(cfg, params):
   """(decoder config, decoder params) of a llava or llama model."""
   return (cfg.text, params["llm"]) if isinstance(cfg, llava.Config) else (cfg, params)
 
 
-def _embeds(cfg, params, ids, px):
+def _token_state(cfg, params, ids_BxT, px, mask_BxT, pos_BxT) -> TokenState:
   if isinstance(cfg, llava.Config):
-    return llava.input_embeddings(cfg, params, ids, px)
-  return llama.embed(cfg, params, ids)
+    return llava.token_state(cfg, params, ids_BxT, px, mask_BxT, pos_BxT)
+  return TokenState(hidden=llama.embed(cfg, params, ids_BxT), positions=pos_BxT, valid=mask_BxT,
+                    visual=jnp.zeros_like(mask_BxT), origin=jnp.broadcast_to(
+                        jnp.arange(ids_BxT.shape[1], dtype=jnp.int32), ids_BxT.shape))
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens"))
-def _prefill(cfg, params, ids_BxT, px, mask_BxT, pos_BxT, max_new_tokens):
-  """Runs the prompt, filling caches of S = T + max_new_tokens slots.
-
-  Returns (last logits f32[B, V], (k, v) f[L, B, S, G, K], kv_valid bool[B, S]).
-  """
-  tc, lp = _text_parts(cfg, params)
-  b, t = ids_BxT.shape
-  x = _embeds(cfg, params, ids_BxT, px)
-  kv_valid = jnp.concatenate([mask_BxT, jnp.zeros((b, max_new_tokens), bool)], axis=1)
-  shape = (tc.num_layers, b, t + max_new_tokens, tc.num_kv_heads, tc.head_dim)
-  kv = (jnp.zeros(shape, x.dtype), jnp.zeros(shape, x.dtype))
-  slots = jnp.broadcast_to(jnp.arange(t), (b, t))
-  h, kv = llama.run_layers(tc, lp["layers"], x, pos_BxT, llama.attention_mask(slots, kv_valid), kv)
-  return llama.lm_logits(tc, lp, h[:, -1:])[:, 0], kv, kv_valid
+def _check(cfg, ids, pixel_values, schedule):
+  """(pixel values or None, resolved schedule) after the host-side checks."""
+  if isinstance(cfg, llava.Config):
+    return llava.check_inputs(cfg, ids, pixel_values, schedule)
+  if schedule:
+    raise InputError("a pruning schedule needs visual tokens; this is a text-only model")
+  return None, ()
 
 
-@functools.partial(jax.jit, static_argnames=("tc", "max_new_tokens"))
-def _decode(tc, lp, logits_BxV, kv, kv_valid_BxS, next_pos_B, max_new_tokens):
+@functools.partial(jax.jit, static_argnames=("cfg", "schedule", "max_new_tokens"))
+def _prefill(cfg, params, ids_BxT, px, mask_BxT, pos_BxT, key, schedule, max_new_tokens):
+  """Runs the prompt through the schedule. Returns (last logits f32[B, V], segments, kept)."""
+  tc, lp = text_parts(cfg, params)
+  state = _token_state(cfg, params, ids_BxT, px, mask_BxT, pos_BxT)
+  segs, kept = seg_lib.prefill(tc, lp["layers"], state, schedule, key, max_new_tokens)
+  return llama.lm_logits(tc, lp, segs[-1].state.hidden[:, -1:])[:, 0], segs, kept
+
+
+def _decode_step(tc, lp, ranges, segs, caches, tok_B, step):
+  """One token through every segment; returns (next-token logits f32[B, V], caches)."""
+  b = tok_B.shape[0]
+  x = llama.embed(tc, lp, tok_B[:, None])
+  out = []
+  for (start, end), seg, (kv, valid, pos) in zip(ranges, segs, caches):
+    slot = seg.state.valid.shape[1] + step - 1  # where the previous token's keys/values go
+    valid = valid.at[:, slot].set(True)
+    mask = llama.attention_mask(jnp.full((b, 1), slot), valid)
+    layers = jax.tree.map(lambda a: a[start:end], lp["layers"])
+    x, kv = llama.run_layers(tc, layers, x, pos[:, None], mask, kv, slot)
+    out.append((kv, valid, pos + 1))
+  return llama.lm_logits(tc, lp, x)[:, 0], out
+
+
+@functools.partial(jax.jit, static_argnames=("tc", "ranges", "max_new_tokens"))
+def _decode(tc, lp, logits_BxV, segs, ranges, max_new_tokens):
   """Greedy loop. Returns (tokens i32[B, max_new_tokens], number of steps run)."""
   b = logits_BxV.shape[0]
-  t0 = kv_valid_BxS.shape[1] - max_new_tokens
   eos = jnp.asarray(tc.eos_token_ids or (-1,), jnp.int32)
   pad = tc.pad_token_id if tc.pad_token_id is not None else (tc.eos_token_ids or (0,))[0]
   tok = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
   out = jnp.full((b, max_new_tokens), pad, jnp.int32).at[:, 0].set(tok)
-  state = (1, tok, jnp.isin(tok, eos), out, kv, kv_valid_BxS, next_pos_B)
+  # Each segment's next position: its last (text) token's position + 1. With `compact` positions
+  # this is shifted down by the tokens pruned before that segment.
+  caches = [(s.kv, s.kv_valid, s.state.positions[:, -1] + 1) for s in segs]
 
-  def cond(s):
-    return (s[0] < max_new_tokens) & ~jnp.all(s[2])
+  def cond(c):
+    return (c[0] < max_new_tokens) & ~jnp.all(c[2])
 
-  def body(s):
-    step, tok, done, out, kv, valid, pos = s
-    slot = t0 + step - 1  # where the previous token's keys/values go
-    valid = valid.at[:, slot].set(True)
-    mask = llama.attention_mask(jnp.full((b, 1), slot), valid)
-    x = llama.embed(tc, lp, tok[:, None])
-    h, kv = llama.run_layers(tc, lp["layers"], x, pos[:, None], mask, kv, slot)
-    nxt = jnp.argmax(llama.lm_logits(tc, lp, h)[:, 0], axis=-1).astype(jnp.int32)
-    nxt = jnp.where(done, pad, nxt)
-    return (step + 1, nxt, done | jnp.isin(nxt, eos), out.at[:, step].set(nxt), kv, valid, pos + 1)
+  def body(c):
+    step, tok, done, out, caches = c
+    logits, caches = _decode_step(tc, lp, ranges, segs, caches, tok, step)
+    nxt = jnp.where(done, pad, jnp.argmax(logits, axis=-1).astype(jnp.int32))
+    return step + 1, nxt, done | jnp.isin(nxt, eos), out.at[:, step].set(nxt), caches
 
-  s = jax.lax.while_loop(cond, body, state)
-  return s[3], s[0]
+  c = jax.lax.while_loop(cond, body, (1, tok, jnp.isin(tok, eos), out, caches))
+  return c[3], c[0]
 
 
 def generate(cfg, params, *, input_ids, pixel_values=None, attention_mask=None,
-             max_new_tokens: int = 32) -> np.ndarray:
-  """Greedy decoding. Prompts must be left padded. Returns the new tokens i32[B, n], n <=
+             max_new_tokens: int = 32, schedule=None, seed: int = 0) -> np.ndarray:
+  """Greedy decoding. Prompts must be left padded. `schedule` (text or parsed) prunes visual
+  tokens at prefill; `seed` drives random pruning. Returns the new tokens i32[B, n], n <=
   max_new_tokens (the loop stops once every sequence has produced EOS; finished sequences are
   filled with the pad id)."""
   if max_new_tokens < 1:
@@ -83,8 +101,10 @@ def generate(cfg, params, *, input_ids, pixel_values=None, attention_mask=None,
   ids, mask, pos = inputs_lib.text_inputs(input_ids, attention_mask)
   if not bool(np.all(np.asarray(mask)[:, -1])):
     raise InputError("generation needs left padding: the last position of every prompt must be valid")
-  px = llava.check_images(cfg, ids, pixel_values) if isinstance(cfg, llava.Config) else None
-  logits, kv, valid = _prefill(cfg, params, ids, px, mask, pos, max_new_tokens)
-  tc, lp = _text_parts(cfg, params)
-  out, steps = _decode(tc, lp, logits, kv, valid, pos[:, -1] + 1, max_new_tokens)
+  px, sched = _check(cfg, ids, pixel_values, schedule)
+  key = jax.random.PRNGKey(seed)
+  logits, segs, _ = _prefill(cfg, params, ids, px, mask, pos, key, sched, max_new_tokens)
+  tc, lp = text_parts(cfg, params)
+  ranges = tuple(seg_lib.layer_ranges(sched, tc.num_layers))
+  out, steps = _decode(tc, lp, logits, segs, ranges, max_new_tokens)
   return np.asarray(out)[:, :int(steps)]

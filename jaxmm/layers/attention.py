@@ -23,17 +23,34 @@ def attend(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask_BxTxS, scale):
   return out.reshape(b, t, h * kd)
 
 
+def last_row(q_BxTxHxK, k_BxSxGxK, mask_BxTxS, scale):
+  """f32[B, S]: the last query's attention probabilities, averaged over its H heads."""
+  b, t, h, kd = q_BxTxHxK.shape
+  g = k_BxSxGxK.shape[2]
+  q = q_BxTxHxK[:, -1].reshape(b, g, h // g, kd)
+  s = jnp.einsum("bgrk,bsgk->bgrs", q, k_BxSxGxK, preferred_element_type=jnp.float32) * scale
+  s = jnp.where(mask_BxTxS[:, -1][:, None, None], s, jnp.finfo(jnp.float32).min)
+  return jax.nn.softmax(s, axis=-1).mean(axis=(1, 2))
+
+
 class CausalSelfAttention(nn.Module):
   """LLaMA attention. `cache` = (k f[B,S,G,K], v f[B,S,G,K], write index i32[]) or None.
 
   With a cache the new keys/values are written at the index and attention runs over all S slots;
   the mask decides which slots are visible.
+
+  `capture` is opt-in introspection, sown into the "intermediates" collection (a no-op unless the
+  caller makes it mutable; with capture=() the compiled code is unchanged):
+    "queries":  f[B, T, H, K] query states before RoPE;
+    "attn_row": f32[B, S] attention probabilities of the last query, averaged over heads. Only
+                that row is computed, so the full T x S map is never materialised.
   """
   num_heads: int
   num_kv_heads: int
   head_dim: int
   use_bias: bool = False
   dtype: jnp.dtype = jnp.float32
+  capture: tuple = ()
 
   @nn.compact
   def __call__(self, x_BxTxD, sin_cos, mask_BxTxS, cache=None):
@@ -42,12 +59,16 @@ class CausalSelfAttention(nn.Module):
     q = dense(self.num_heads * self.head_dim, "q")(x_BxTxD).reshape(b, t, self.num_heads, -1)
     k = dense(self.num_kv_heads * self.head_dim, "k")(x_BxTxD).reshape(b, t, self.num_kv_heads, -1)
     v = dense(self.num_kv_heads * self.head_dim, "v")(x_BxTxD).reshape(b, t, self.num_kv_heads, -1)
+    if "queries" in self.capture:
+      self.sow("intermediates", "queries", q)
     q, k = rope_lib.apply_rope(q, *sin_cos), rope_lib.apply_rope(k, *sin_cos)
     if cache is not None:
       k_cache, v_cache, idx = cache
       k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), idx, axis=1)
       v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), idx, axis=1)
       cache = (k, v, idx)
+    if "attn_row" in self.capture:
+      self.sow("intermediates", "attn_row", last_row(q, k, mask_BxTxS, self.head_dim ** -0.5))
     out = attend(q, k, v, mask_BxTxS, self.head_dim ** -0.5)
     return nn.Dense(d, use_bias=self.use_bias, dtype=self.dtype, name="o")(out), cache
 

@@ -20,14 +20,15 @@ Config = LlamaConfig
 
 
 class DecoderLayer(nn.Module):
-  """Pre-norm residual block: x + attn(norm(x)); x + mlp(norm(x))."""
+  """Pre-norm residual block: x + attn(norm(x)); x + mlp(norm(x)). `capture`: see attention."""
   cfg: LlamaConfig
+  capture: tuple = ()
 
   @nn.compact
   def __call__(self, x_BxTxD, sin_cos, mask_BxTxS, cache=None):
     cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
     attn = CausalSelfAttention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.attention_bias,
-                               dt, name="attn")
+                               dt, self.capture, name="attn")
     a, cache = attn(RMSNorm(cfg.rms_norm_eps, name="attn_norm")(x_BxTxD), sin_cos, mask_BxTxS, cache)
     x = x_BxTxD + a
     mlp = SwiGLU(cfg.intermediate_size, cfg.mlp_bias, dt, name="mlp")

@@ -13,8 +13,9 @@ from jaxmm import inputs as inputs_lib
 from jaxmm.config import LlavaConfig
 from jaxmm.errors import InputError
 from jaxmm.layers.mlp import Mlp
-from jaxmm.models import clip, llama
+from jaxmm.models import clip, llama, segments
 from jaxmm.models.outputs import CausalLMOutput
+from jaxmm.pruning.state import TokenState
 
 Config = LlavaConfig
 
@@ -50,10 +51,25 @@ def input_embeddings(cfg: LlavaConfig, params, input_ids_BxT, pixel_values):
   return merge_image_features(cfg, x, input_ids_BxT, image_features(cfg, params, pixel_values))
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def _forward(cfg, params, input_ids, pixel_values, mask, positions):
-  x = input_embeddings(cfg, params, input_ids, pixel_values)
-  return CausalLMOutput(logits=llama.decode_embeds(cfg.text, params["llm"], x, mask, positions))
+def token_state(cfg: LlavaConfig, params, input_ids_BxT, pixel_values, mask_BxT, pos_BxT):
+  """The TokenState entering the decoder: merged embeddings, positions, masks, origins."""
+  b, t = input_ids_BxT.shape
+  return TokenState(hidden=input_embeddings(cfg, params, input_ids_BxT, pixel_values),
+                    positions=pos_BxT, valid=mask_BxT,
+                    visual=(input_ids_BxT == cfg.image_token_id) & mask_BxT,
+                    origin=jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "schedule"))
+def _forward(cfg, params, input_ids, pixel_values, mask, positions, key, schedule):
+  if not schedule:
+    x = input_embeddings(cfg, params, input_ids, pixel_values)
+    return CausalLMOutput(logits=llama.decode_embeds(cfg.text, params["llm"], x, mask, positions))
+  state = token_state(cfg, params, input_ids, pixel_values, mask, positions)
+  segs, kept = segments.prefill(cfg.text, params["llm"]["layers"], state, schedule, key)
+  final = segs[-1].state
+  return CausalLMOutput(logits=llama.lm_logits(cfg.text, params["llm"], final.hidden), kept=kept,
+                        origin=final.origin)
 
 
 def check_images(cfg: LlavaConfig, input_ids, pixel_values):
@@ -75,10 +91,29 @@ def check_images(cfg: LlavaConfig, input_ids, pixel_values):
   return px
 
 
-def forward(cfg: LlavaConfig, params, *, input_ids, pixel_values=None, attention_mask=None,
-            position_ids=None):
-  """input_ids i32[B, T] with `cfg.num_image_tokens` placeholders per image; pixel_values
-  f32[images, C, H, W]; attention_mask {0,1}[B, T]. Returns CausalLMOutput(logits f32[B, T, V])."""
-  ids, mask, pos = inputs_lib.text_inputs(input_ids, attention_mask, position_ids)
+def check_inputs(cfg: LlavaConfig, ids, pixel_values, schedule):
+  """Host-side checks; returns (pixel values or None, the schedule resolved to static counts)."""
   px = check_images(cfg, ids, pixel_values)
-  return _forward(cfg, params, ids, px, mask, pos)
+  if not schedule:
+    return px, ()
+  from jaxmm.pruning import schedule as schedule_lib  # TEMP lazy until pruning lands
+  if isinstance(schedule, str):
+    schedule = schedule_lib.parse(schedule)
+  vis = np.sum(np.asarray(ids) == cfg.image_token_id, axis=1)
+  if vis.min() != vis.max():
+    raise InputError(f"pruning needs the same number of visual tokens in every example, got {vis.tolist()}")
+  return px, schedule_lib.resolve(schedule, int(vis[0]), cfg.text.num_layers)
+
+
+def forward(cfg: LlavaConfig, params, *, input_ids, pixel_values=None, attention_mask=None,
+            position_ids=None, schedule=None, seed: int = 0):
+  """input_ids i32[B, T] with `cfg.num_image_tokens` placeholders per image; pixel_values
+  f32[images, C, H, W]; attention_mask {0,1}[B, T].
+
+  Returns CausalLMOutput(logits f32[B, T, V]). With a pruning `schedule` (text such as
+  "entropy@2:98" or a parsed one; `seed` drives random pruning) the logits cover the T' tokens
+  left after the last stage, `origin` i32[B, T'] gives their index in the unpruned sequence and
+  `kept` holds, per stage, the original indices i32[B, k] of the kept visual tokens."""
+  ids, mask, pos = inputs_lib.text_inputs(input_ids, attention_mask, position_ids)
+  px, sched = check_inputs(cfg, ids, pixel_values, schedule)
+  return _forward(cfg, params, ids, px, mask, pos, jax.random.PRNGKey(seed), sched)

@@ -7,8 +7,10 @@ import jax
 
 @flax.struct.dataclass
 class CausalLMOutput:
-  """logits f32[B, T, V]. `kept`: per pruning stage, i32[B, k] original indices of kept visual
-  tokens (None without a schedule). `captured`: opt-in per-layer captures (None when off)."""
+  """logits f32[B, T, V]. With a pruning schedule: `kept`, per stage, i32[B, k] original indices of
+  the kept visual tokens, and `origin` i32[B, T'] the original index of each logits row (both None
+  without a schedule). `captured`: opt-in per-layer captures (None when off)."""
   logits: jax.Array
   kept: Any = None
+  origin: Any = None
   captured: Any = None

@@ -1,0 +1,91 @@
+"""The decoder as segments split at the pruning layers of a schedule.
+
+A schedule of stages at layers K1 < K2 < ... cuts the stacked layers into [0, K1), [K1, K2), ...,
+[Kn, L). Each segment is one `lax.scan` over a static slice of the stacked params with its own
+static sequence length; between segments a pruning stage gathers the kept tokens. When a stage
+needs quantities of layer K-1 (queries, the last token's attention row), that one layer runs with
+opt-in capture; nothing else is computed for methods that do not ask.
+"""
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from jaxmm.layers import rope
+from jaxmm.models import llama
+from jaxmm.pruning.state import TokenState
+
+
+@flax.struct.dataclass
+class Segment:
+  """One segment's prefill result: its token state and, when generating, its KV cache."""
+  state: TokenState
+  kv: tuple | None        # (k, v) f[L_seg, B, S_seg, G, K], S_seg = N_seg + max_new_tokens
+  kv_valid: jax.Array | None   # bool[B, S_seg]
+
+
+def layer_ranges(schedule, num_layers: int) -> list[tuple[int, int]]:
+  """The non-empty layer ranges [start, end) between the stages' layers."""
+  bounds = [0, *(s.layer for s in schedule), num_layers]
+  return [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
+
+
+def _slice(layers_p, start, end):
+  return jax.tree.map(lambda a: a[start:end], layers_p)
+
+
+def _empty_kv(cfg, n_layers, b, s, dtype):
+  shape = (n_layers, b, s, cfg.num_kv_heads, cfg.head_dim)
+  return (jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+
+def _captured_layer(cfg, layer_p, x, positions, mask, needs, kv):
+  """Runs one layer with capture on; returns (x, kv, aux dict)."""
+  sc = rope.sin_cos(positions, rope.inv_frequencies(cfg))
+  layer = llama.DecoderLayer(cfg, capture=tuple(sorted(needs)))
+  c = None if kv is None else (kv[0][0], kv[1][0], 0)
+  (y, c), inter = layer.apply({"params": layer_p}, x, sc, mask, c, mutable=["intermediates"])
+  aux = {name: inter["intermediates"]["attn"][name][0] for name in needs}
+  return y, (None if c is None else (c[0][None], c[1][None])), aux
+
+
+def _run_range(cfg, layers_p, state, start, end, needs, max_new):
+  """Layers [start, end) on `state`; the last one captures `needs` when non-empty."""
+  b, n = state.valid.shape
+  kv_valid = None if max_new is None else jnp.concatenate(
+      [state.valid, jnp.zeros((b, max_new), bool)], axis=1)
+  valid = state.valid if kv_valid is None else kv_valid
+  mask = llama.attention_mask(jnp.broadcast_to(jnp.arange(n), (b, n)), valid)
+  split = end - 1 if needs else end
+  kv = None if max_new is None else _empty_kv(cfg, split - start, b, n + max_new, state.hidden.dtype)
+  x, kv = llama.run_layers(cfg, _slice(layers_p, start, split), state.hidden, state.positions, mask, kv)
+  aux = {}
+  if needs:
+    last_kv = None if max_new is None else _empty_kv(cfg, 1, b, n + max_new, x.dtype)
+    layer_p = jax.tree.map(lambda a: a[end - 1], layers_p)
+    x, last_kv, aux = _captured_layer(cfg, layer_p, x, state.positions, mask, needs, last_kv)
+    if kv is not None:
+      kv = tuple(jnp.concatenate([a, b_], axis=0) for a, b_ in zip(kv, last_kv))
+  return Segment(state.replace(hidden=x), kv, kv_valid), aux
+
+
+def prefill(cfg, layers_p, state: TokenState, schedule, key, max_new=None):
+  """Runs all layers over the prompt, pruning per the (resolved) schedule.
+
+  Returns (segments, kept): one Segment per layer range (its state holds the hidden states
+  leaving the segment), and per stage the original indices i32[B, k] of the kept visual tokens.
+  `max_new=None` skips the KV caches (plain forward).
+  """
+  segments, kept, start = [], [], 0
+  for i, stage in enumerate(schedule):
+    from jaxmm.pruning import schedule as schedule_lib, select  # TEMP lazy until pruning lands
+    aux = {}
+    if stage.layer > start:  # resolve() guarantees increasing layers and K >= 1 for needs
+      needs = schedule_lib.needs((stage,))
+      seg, aux = _run_range(cfg, layers_p, state, start, stage.layer, needs, max_new)
+      segments.append(seg)
+      state = seg.state
+    state = select.apply_stage(stage, state, aux, jax.random.fold_in(key, i))
+    kept.append(select.kept_indices(state))
+    start = stage.layer
+  seg, _ = _run_range(cfg, layers_p, state, start, cfg.num_layers, frozenset(), max_new)
+  return segments + [seg], tuple(kept)
