@@ -1,0 +1,60 @@
+"""The `jaxmm` console script: generate end to end on a tiny converted LLaVA, and its errors."""
+import subprocess
+import sys
+
+import pytest
+
+from converters.cli import convert_folder
+from jaxmm import cli, demo
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+  root = tmp_path_factory.mktemp("cli")
+  demo.build_hf_folder(root / "hf")
+  convert_folder(root / "hf", root / "jaxmm")
+  demo.digit_png(root / "digit.png")
+  return root
+
+
+def test_generate_prints_an_answer(tiny_model, capsys):
+  rc = cli.main(["generate", "--model", str(tiny_model / "jaxmm"), "--image",
+                 str(tiny_model / "digit.png"), "--prompt", "what digit is this ?",
+                 "--max-new-tokens", "4"])
+  out = capsys.readouterr().out.strip().split()
+  assert rc == 0
+  assert 1 <= len(out) <= 4 and all(w in demo.WORDS for w in out)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--prompt", " "], "prompt is empty"),
+    (["--prompt", "what ?", "--image", "/nonexistent.png"], "cannot read image"),
+    (["--prompt", "what ?"], "needs --image"),
+])
+def test_generate_errors_are_one_line(tiny_model, capsys, args, needle):
+  base = ["generate", "--model", str(tiny_model / "jaxmm")]
+  if needle != "needs --image" and "--image" not in args:
+    args = args + ["--image", str(tiny_model / "digit.png")]
+  assert cli.main(base + args) == 2
+  err = capsys.readouterr().err.strip()
+  assert needle in err and len(err.splitlines()) == 1 and err.startswith("error:")
+
+
+def test_missing_model_folder_is_a_clean_error(tmp_path):
+  proc = subprocess.run([sys.executable, "-m", "jaxmm.cli", "generate", "--model",
+                         str(tmp_path / "nope"), "--prompt", "hi"], capture_output=True, text=True)
+  assert proc.returncode == 2
+  assert proc.stderr.strip().splitlines() == [f"error: model folder {tmp_path / 'nope'} does not exist"]
+
+
+def test_every_command_has_help():
+  for words in cli.COMMANDS:
+    try:
+      __import__(cli.COMMANDS[words])
+    except ModuleNotFoundError as e:
+      if e.name != cli.COMMANDS[words]:
+        raise
+      continue  # a command whose module has not landed yet
+    proc = subprocess.run([sys.executable, "-m", "jaxmm.cli", *words, "--help"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0 and "usage:" in proc.stdout, words
