@@ -14,6 +14,10 @@ from jaxmm.errors import JaxmmError
 COMMANDS = {
     ("convert",): "converters.cli",
     ("generate",): "jaxmm.generate_cli",
+    ("prune-bench",): "eval.prune_bench",
+    ("export",): "converters.export",
+    ("train", "vlm"): "train.vlm",
+    ("eval", "vqa"): "eval.vqa",
     ("train", "cadit"): "train.cadit",
     ("eval", "digits-da"): "eval.digits_da",
     ("train", "mgfte"): "train.mgfte",

@@ -15,6 +15,7 @@ from jaxmm.errors import InputError
 from jaxmm.layers.mlp import Mlp
 from jaxmm.models import clip, llama, segments
 from jaxmm.models.outputs import CausalLMOutput
+from jaxmm.pruning import schedule as schedule_lib
 from jaxmm.pruning.state import TokenState
 
 Config = LlavaConfig
@@ -96,7 +97,6 @@ def check_inputs(cfg: LlavaConfig, ids, pixel_values, schedule):
   px = check_images(cfg, ids, pixel_values)
   if not schedule:
     return px, ()
-  from jaxmm.pruning import schedule as schedule_lib  # TEMP lazy until pruning lands
   if isinstance(schedule, str):
     schedule = schedule_lib.parse(schedule)
   vis = np.sum(np.asarray(ids) == cfg.image_token_id, axis=1)

@@ -12,6 +12,8 @@ import jax.numpy as jnp
 
 from jaxmm.layers import rope
 from jaxmm.models import llama
+from jaxmm.pruning import schedule as schedule_lib
+from jaxmm.pruning import select
 from jaxmm.pruning.state import TokenState
 
 
@@ -77,7 +79,6 @@ def prefill(cfg, layers_p, state: TokenState, schedule, key, max_new=None):
   """
   segments, kept, start = [], [], 0
   for i, stage in enumerate(schedule):
-    from jaxmm.pruning import schedule as schedule_lib, select  # TEMP lazy until pruning lands
     aux = {}
     if stage.layer > start:  # resolve() guarantees increasing layers and K >= 1 for needs
       needs = schedule_lib.needs((stage,))

@@ -1,0 +1,333 @@
+"""Visual-token pruning benchmark: FLOPs, prefill latency, scoring overhead and logit change.
+
+  jaxmm prune-bench --model OUT --prompts FILE --schedules entropy@2:98 fastv@2:50% ...
+      [--budget 64 --method entropy --layer 2] [--runs 7] [--convention B] [--out JSON]
+      [--show-kept IMAGE --show-out PNG]
+  jaxmm prune-bench --random-config llava_bench --schedules ...   (random weights, synthetic prompts)
+
+--prompts FILE is JSON Lines, one prompt per line: {"image": "path/to/img.png", "text": "question"}
+(relative image paths are relative to FILE). The prompts go through the model's chat template
+and are left padded into one batch. Per schedule, against the unpruned model in the same process:
+  - analytic prefill FLOPs of the decoder layers (jaxmm.flops, --convention) and the reduction;
+    the text length counted is the padded batch length minus the visual tokens;
+  - median prefill latency (decoder layers + LM head at the last position, jitted, runs of all
+    schedules interleaved so that drift hits all alike) and its ratio to unpruned;
+  - scoring overhead: the schedule's score functions alone, jitted, on the layer-(K-1) quantities
+    captured for these prompts, as a % of the unpruned prefill;
+  - the max |logit change| at the last position versus unpruned (`jaxmm.forward`).
+It also times the EntropyPrune eigen step on the dual (H x H) vs the primal (d_h x d_h) Gram
+(the model's shape; with --eigen-7b also LLaVA-1.5-7B's).
+Prints a table; writes JSON (default results/prune_bench.json).
+"""
+import argparse
+import functools
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jaxmm.cli
+from jaxmm import api, flops
+from jaxmm.errors import InputError
+from jaxmm.layers import rope
+from jaxmm.models import llama, llava, segments
+from jaxmm.pruning import entropy, schedule as schedule_lib, select
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+  src = p.add_mutually_exclusive_group(required=True)
+  src.add_argument("--model", help="a LLaVA folder written by `jaxmm convert`")
+  src.add_argument("--random-config", help="a jaxmm.config preset (e.g. llava_bench) with random "
+                   "weights and synthetic prompts, for timing")
+  p.add_argument("--prompts", help="JSONL file of {\"image\": path, \"text\": question} (with --model)")
+  p.add_argument("--schedules", nargs="*", default=[], help="schedules such as entropy@2:98")
+  p.add_argument("--budget", type=float, help="average visual-token budget (pruning.md §3.2)")
+  p.add_argument("--method", default="entropy", help="method for --budget")
+  p.add_argument("--layer", type=int, default=2, help="pruning layer K for --budget")
+  p.add_argument("--runs", type=int, default=7, help="timed runs per schedule (>= 5)")
+  p.add_argument("--convention", default="B", choices=["A", "B", "gqa"], help="FLOPs convention")
+  p.add_argument("--batch", type=int, default=1, help="synthetic batch size (--random-config)")
+  p.add_argument("--text-tokens", type=int, default=40, help="synthetic text tokens (--random-config)")
+  p.add_argument("--seed", type=int, default=0, help="drives random pruning")
+  p.add_argument("--eigen-7b", action="store_true", help="also time the eigen step at the "
+                 "LLaVA-1.5-7B shape (576 tokens, H=32, d_h=128; the primal takes minutes on CPU)")
+  p.add_argument("--out", default="results/prune_bench.json")
+  p.add_argument("--show-kept", metavar="IMAGE", help="draw each schedule's kept patches over IMAGE")
+  p.add_argument("--show-out", metavar="PNG", default="results/prune_kept.png")
+
+
+# ---- inputs -------------------------------------------------------------------------------------
+
+def read_prompts(path) -> list[dict]:
+  """[{"image": Path, "text": str}] from a JSONL file; relative image paths are relative to it."""
+  path = Path(path)
+  if not path.is_file():
+    raise InputError(f"prompts file {path} does not exist")
+  out = []
+  for i, line in enumerate(path.read_text().splitlines(), 1):
+    if not line.strip():
+      continue
+    try:
+      rec = json.loads(line)
+      out.append({"image": path.parent / rec["image"], "text": str(rec["text"])})
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+      raise InputError(f"{path}:{i}: expected {{\"image\": path, \"text\": question}}: {e}") from None
+  if not out:
+    raise InputError(f"prompts file {path} holds no prompts")
+  return out
+
+
+def left_pad(rows, pad_id: int):
+  """(ids i32[B, T], mask i32[B, T]) from ragged id rows, left padded."""
+  t = max(len(r) for r in rows)
+  ids = np.full((len(rows), t), pad_id, np.int32)
+  mask = np.zeros((len(rows), t), np.int32)
+  for b, r in enumerate(rows):
+    ids[b, t - len(r):], mask[b, t - len(r):] = r, 1
+  return ids, mask
+
+
+def model_inputs(m, prompts):
+  """One left-padded batch (ids, mask, pixel_values) through the model's chat template."""
+  from jaxmm.generate_cli import prepare
+  rows, pixels = [], []
+  for p in prompts:
+    ids, mask, px, tok = prepare(m.path, p["text"], p["image"], m.family)
+    rows.append(ids[0][mask[0].astype(bool)])
+    pixels.append(px)
+  pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+  return (*left_pad(rows, pad), np.concatenate(pixels).astype(np.float32))
+
+
+def random_model(name: str, batch: int, n_text: int, seed: int = 0):
+  """(Model with random weights, ids, mask, pixel_values): [5 text][image][n_text - 5 text]."""
+  from eval.bench_prefill import build
+  if name != "llava_bench":   # bench_prefill builds (and converts) exactly this preset
+    raise InputError(f"--random-config supports llava_bench, got {name!r}")
+  _, cfg, params = build(seed)
+  rng = np.random.default_rng(seed)
+  img = np.full((batch, cfg.num_image_tokens), cfg.image_token_id)
+  ids = np.concatenate([rng.integers(3, 32000, (batch, 5)), img,
+                        rng.integers(3, 32000, (batch, n_text - 5))], axis=1).astype(np.int32)
+  px = rng.standard_normal((batch, 3, cfg.vision.image_size, cfg.vision.image_size))
+  return api.Model("llava", cfg, jax.device_put(params)), ids, np.ones_like(ids), px.astype(np.float32)
+
+
+# ---- measurements -------------------------------------------------------------------------------
+
+@functools.partial(jax.jit, static_argnames=("tc", "sched"))
+def decoder_prefill(tc, lp, state, key, sched):
+  """Last-position logits f32[B, V] after the decoder layers under `sched` (the prefill)."""
+  segs, _ = segments.prefill(tc, lp["layers"], state, sched, key)
+  return llama.lm_logits(tc, lp, segs[-1].state.hidden[:, -1:])[:, 0]
+
+
+@functools.partial(jax.jit, static_argnames=("tc", "start", "end", "needs"))
+def run_and_capture(tc, layers_p, state, start, end, needs):
+  """Layers [start, end) on `state`; the last one captures `needs`. Returns (state, aux)."""
+  b, n = state.valid.shape
+  mask = llama.attention_mask(jnp.broadcast_to(jnp.arange(n), (b, n)), state.valid)
+  split = end - 1 if needs else end
+  part = jax.tree.map(lambda a: a[start:split], layers_p)
+  x, _ = llama.run_layers(tc, part, state.hidden, state.positions, mask)
+  if not needs:
+    return state.replace(hidden=x), {}
+  sc = rope.sin_cos(state.positions, rope.inv_frequencies(tc))
+  layer = llama.DecoderLayer(tc, capture=tuple(sorted(needs)))
+  (x, _), inter = layer.apply({"params": jax.tree.map(lambda a: a[end - 1], layers_p)}, x, sc,
+                              mask, None, mutable=["intermediates"])
+  return state.replace(hidden=x), {k: inter["intermediates"]["attn"][k][0] for k in needs}
+
+
+def median_time(fn, runs: int) -> float:
+  fn()  # compile / warm up
+  out = []
+  for _ in range(runs):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    out.append(time.perf_counter() - t0)
+  return statistics.median(out)
+
+
+def scoring_time(tc, lp, state, sched, key, runs: int) -> float:
+  """Σ over stages of the median time of the stage's score function alone (jitted)."""
+  total, start = 0.0, 0
+  score_fn = jax.jit(select.scores, static_argnums=0)
+  for i, stage in enumerate(sched):
+    needs = schedule_lib.needs((stage,))
+    if stage.layer > start:
+      state, aux = run_and_capture(tc, lp["layers"], state, start, stage.layer, needs)
+    else:
+      aux = {}
+    k = jax.random.fold_in(key, i)
+    total += median_time(lambda: score_fn(stage, state, aux, k), runs)
+    state = select.apply_stage(stage, state, aux, k)
+    start = stage.layer
+  return total
+
+
+def eigen_step_times(num_heads: int, head_dim: int, n_tokens: int, runs: int) -> dict:
+  """Median time of eigvalsh on n_tokens dual (H x H) vs primal (d_h x d_h) Grams."""
+  q = jax.random.normal(jax.random.key(0), (n_tokens, num_heads, head_dim))
+  dual = jax.vmap(entropy.gram_dual)(q)
+  primal = jax.vmap(entropy.gram_primal)(q)
+  eig = jax.jit(jnp.linalg.eigvalsh)
+  t_dual, t_primal = median_time(lambda: eig(dual), runs), median_time(lambda: eig(primal), runs)
+  return {"num_heads": num_heads, "head_dim": head_dim, "tokens": n_tokens, "dual_s": t_dual,
+          "primal_s": t_primal, "speedup": t_primal / t_dual,
+          "theory": (head_dim / num_heads) ** 3}
+
+
+# ---- the benchmark ------------------------------------------------------------------------------
+
+def schedules_from_args(args, n_visual: int, num_layers: int) -> list:
+  out = [schedule_lib.resolve(schedule_lib.parse(s), n_visual, num_layers) for s in args.schedules]
+  if args.budget is not None:
+    out.append(schedule_lib.from_budget(args.method, args.layer, args.budget, n_visual, num_layers))
+  if not out:
+    raise InputError("no schedule: give --schedules and/or --budget")
+  return out
+
+
+def sched_text(sched) -> str:
+  return ",".join(f"{s.method}@{s.layer}:{s.keep}" for s in sched) or "unpruned"
+
+
+def measure(m, ids, mask, px, scheds, args) -> dict:
+  cfg, tc, lp = m.config, m.config.text, m.params["llm"]
+  ids, mask, px = jnp.asarray(ids), jnp.asarray(mask).astype(bool), jnp.asarray(px)
+  pos = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
+  state = llava.token_state(cfg, m.params, ids, px, mask, pos)
+  n_vis = cfg.num_image_tokens
+  key = jax.random.PRNGKey(args.seed)
+  all_scheds = [()] + scheds
+  fns = [functools.partial(decoder_prefill, tc, lp, state, key, s) for s in all_scheds]
+  times = [[] for _ in fns]
+  for f in fns:
+    jax.block_until_ready(f())   # compile
+  for _ in range(args.runs):     # interleaved
+    for i, f in enumerate(fns):
+      t0 = time.perf_counter()
+      jax.block_until_ready(f())
+      times[i].append(time.perf_counter() - t0)
+  base_logits = np.asarray(api.forward(m, input_ids=ids, pixel_values=px, attention_mask=mask).logits[:, -1])
+  dims = flops.Dims.from_config(cfg)
+  n_text = ids.shape[1] - n_vis
+  full_flops = flops.prefill_flops((), n_text, n_vis, dims, args.convention)
+  base_t = statistics.median(times[0])
+  rows = []
+  for s, t in zip(all_scheds, times):
+    row = {"schedule": sched_text(s), "stages": [
+        {"method": st.method, "layer": st.layer, "keep": st.keep, "positions": st.positions}
+        for st in s], "average_visual": schedule_lib.average_visual(s, tc.num_layers) if s else n_vis}
+    f = flops.prefill_flops(s, n_text, n_vis, dims, args.convention)
+    row.update(flops=f * ids.shape[0], flops_ratio=f / full_flops, flops_reduction=1 - f / full_flops,
+               latency_median_s=statistics.median(t), latency_ratio=statistics.median(t) / base_t,
+               latency_s=t)
+    if s:
+      row["scoring_s"] = scoring_time(tc, lp, state, s, key, args.runs)
+      row["scoring_pct_of_prefill"] = 100 * row["scoring_s"] / base_t
+      out = api.forward(m, input_ids=ids, pixel_values=px, attention_mask=mask, schedule=s, seed=args.seed)
+      row["max_logit_change"] = float(np.abs(np.asarray(out.logits[:, -1]) - base_logits).max())
+    rows.append(row)
+  return {"batch": int(ids.shape[0]), "seq_len": int(ids.shape[1]), "visual_tokens": n_vis,
+          "n_text_counted": int(n_text), "convention": args.convention, "runs": args.runs,
+          "schedules": rows}
+
+
+def print_table(res: dict) -> None:
+  print(f"batch {res['batch']}, {res['seq_len']} tokens ({res['visual_tokens']} visual), "
+        f"FLOPs convention {res['convention']}, median of {res['runs']} interleaved runs")
+  head = f"{'schedule':<28}{'avg vis':>8}{'GFLOPs':>9}{'FLOPs %':>9}{'ms':>9}{'time %':>8}{'score %':>9}{'max dlogit':>12}"
+  print(head)
+  for r in res["schedules"]:
+    print(f"{r['schedule']:<28}{r['average_visual']:>8.1f}{r['flops'] / 1e9:>9.2f}"
+          f"{100 * r['flops_ratio']:>9.1f}{1e3 * r['latency_median_s']:>9.2f}"
+          f"{100 * r['latency_ratio']:>8.1f}{r.get('scoring_pct_of_prefill', 0):>9.2f}"
+          f"{r.get('max_logit_change', 0):>12.3e}")
+  for e in res.get("eigen_step", []):
+    print(f"eigen step, {e['tokens']} tokens, H={e['num_heads']} d_h={e['head_dim']}: dual "
+          f"{1e3 * e['dual_s']:.2f} ms, primal {1e3 * e['primal_s']:.2f} ms, "
+          f"{e['speedup']:.1f}x (theory {e['theory']:.0f}x)")
+
+
+def show_kept(m, image_path, text, scheds, out_png, seed) -> Path:
+  """A PNG grid: the image, then per schedule the image with the dropped patches dimmed."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  from jaxmm.generate_cli import prepare
+  ids, mask, px, _ = prepare(m.path, text, image_path, m.family)
+  img = np.transpose(px[0], (1, 2, 0))
+  img = (img - img.min()) / max(float(img.max() - img.min()), 1e-6)
+  cfg = m.config
+  side = cfg.vision.image_size // cfg.vision.patch_size
+  first = int(np.flatnonzero(ids[0] == cfg.image_token_id)[0])
+  fig, axes = plt.subplots(1, len(scheds) + 1, figsize=(3 * (len(scheds) + 1), 3.3), squeeze=False)
+  axes[0, 0].imshow(img)
+  axes[0, 0].set_title("image")
+  for ax, s in zip(axes[0, 1:], scheds):
+    out = api.forward(m, input_ids=ids, pixel_values=px, attention_mask=mask, schedule=s, seed=seed)
+    patch = np.asarray(out.kept[-1][0]) - first - (cfg.vision_feature_select_strategy == "full")
+    keep = np.zeros(side * side, bool)
+    keep[patch[(patch >= 0) & (patch < side * side)]] = True
+    cell = cfg.vision.patch_size
+    shade = np.kron(keep.reshape(side, side), np.ones((cell, cell)))[..., None]
+    ax.imshow(shade * img + (1 - shade) * (0.35 + 0.3 * img))   # dropped patches washed out
+    for r, c in zip(*np.divmod(np.flatnonzero(keep), side)):
+      ax.add_patch(plt.Rectangle((c * cell - 0.5, r * cell - 0.5), cell, cell, fill=False,
+                                 edgecolor="red", linewidth=0.6))
+    ax.set_title(f"{sched_text(s)}\n{keep.sum()} kept", fontsize=8)
+  for ax in axes[0]:
+    ax.axis("off")
+  out_png = Path(out_png)
+  out_png.parent.mkdir(parents=True, exist_ok=True)
+  fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.85, wspace=0.05)
+  fig.savefig(out_png, dpi=120)
+  plt.close(fig)
+  return out_png
+
+
+def run(args) -> int:
+  if args.runs < 5:
+    raise InputError(f"--runs must be >= 5, got {args.runs}")
+  if args.model:
+    m = api.load(Path(args.model))
+    if m.family != "llava":
+      raise InputError(f"prune-bench needs a LLaVA model, {args.model} is {m.family}")
+    if not args.prompts:
+      raise InputError("--prompts is required with --model")
+    prompts = read_prompts(args.prompts)
+    ids, mask, px = model_inputs(m, prompts)
+  else:
+    m, ids, mask, px = random_model(args.random_config, args.batch, args.text_tokens, args.seed)
+  tc = m.config.text
+  scheds = schedules_from_args(args, m.config.num_image_tokens, tc.num_layers)
+  res = {"model": args.model or f"random:{args.random_config}", **measure(m, ids, mask, px, scheds, args)}
+  res["eigen_step"] = [eigen_step_times(tc.num_heads, tc.head_dim, m.config.num_image_tokens, args.runs)]
+  if args.eigen_7b:
+    res["eigen_step"].append(eigen_step_times(32, 128, 576, args.runs))
+  res.update(jax_backend=jax.default_backend(), device=str(jax.devices()[0]),
+             machine=platform.machine())
+  print_table(res)
+  if args.show_kept:
+    text = prompts[0]["text"] if args.model else "Describe the image."
+    if not args.model:
+      raise InputError("--show-kept needs --model (a processor to read the image)")
+    print(f"kept patches: {show_kept(m, args.show_kept, text, scheds, args.show_out, args.seed)}")
+  out = Path(args.out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  tmp = out.with_suffix(out.suffix + ".tmp")
+  tmp.write_text(json.dumps(res, indent=2))
+  tmp.replace(out)   # atomic
+  print(f"wrote {out}")
+  return 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(jaxmm.cli.module_main(__name__))

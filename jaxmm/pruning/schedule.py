@@ -1,0 +1,184 @@
+"""Pruning schedules: the `METHOD@LAYER:KEEP[,...]` text form, budgets, and host-side validation.
+
+A schedule is a tuple of frozen `Stage`s, hashable so that it can be a static jit argument.
+`parse` reads the text form; `resolve` turns percentages into counts and checks the schedule
+against a model (number of layers) and an input (visual tokens per example); `from_budget`
+converts a layer-averaged visual-token budget into a keep count (pruning.md §3.2).
+"""
+import dataclasses
+import fractions
+import math
+import re
+
+from jaxmm.errors import InputError
+from jaxmm.pruning import divprune, entropy, fastv
+from jaxmm.pruning import random as random_method
+
+METHODS = {"entropy": entropy, "random": random_method, "divprune": divprune, "fastv": fastv}
+# pruning.md §1 / §10.7: each method's reference convention for position ids after pruning.
+DEFAULT_POSITIONS = {"entropy": "preserve", "fastv": "preserve", "divprune": "compact",
+                     "random": "compact"}
+POSITIONS = ("preserve", "compact")
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  """Prune before decoder layer `layer` (0 = at the LLM input), keeping `keep` visual tokens.
+
+  keep: a count, or a percentage string such as "25%" of the visual tokens entering the stage.
+  visual_in: visual tokens per example entering the stage; set by `resolve` (None before). It
+  makes the pruned length a static number.
+  """
+  method: str
+  layer: int
+  keep: int | str
+  positions: str = "preserve"
+  visual_in: int | None = None
+
+  def __str__(self):
+    return f"{self.method}@{self.layer}:{self.keep}"
+
+
+Schedule = tuple[Stage, ...]
+
+_STAGE_RE = re.compile(r"^([A-Za-z_]+)@(-?\d+):(-?\d+(?:\.\d+)?%?)$")
+
+
+def min_layer(method: str) -> int:
+  """Methods that score from layer K-1 quantities (queries, attention) need K >= 1."""
+  return 1 if METHODS[method].NEEDS else 0
+
+
+def _check_method(method: str, where: str) -> None:
+  if method not in METHODS:
+    raise InputError(f"schedule stage {where!r}: unknown method {method!r} "
+                     f"(known: {', '.join(sorted(METHODS))})")
+
+
+def _check_positions(positions: str) -> None:
+  if positions not in POSITIONS:
+    raise InputError(f"positions must be one of {POSITIONS}, got {positions!r}")
+
+
+def _parse_keep(text: str, where: str) -> int | str:
+  if text.endswith("%"):
+    pct = float(text[:-1])
+    if not 0 <= pct <= 100:
+      raise InputError(f"schedule stage {where!r}: keep percentage {text} is not in [0%, 100%]")
+    return text
+  if "." in text or int(text) < 0:
+    raise InputError(f"schedule stage {where!r}: keep must be a count >= 0 or a percentage, got {text!r}")
+  return int(text)
+
+
+def _parse_stage(part: str, positions: str | None) -> Stage:
+  m = _STAGE_RE.match(part)
+  if not m:
+    raise InputError(f"schedule stage {part!r} is malformed: expected METHOD@LAYER:KEEP, "
+                     "e.g. entropy@2:98 or fastv@2:50%")
+  method, layer = m.group(1).lower(), int(m.group(2))
+  _check_method(method, part)
+  if layer < min_layer(method):
+    raise InputError(f"schedule stage {part!r}: {method} scores from layer K-1, so its layer must "
+                     f"be >= {min_layer(method)}, got {layer}")
+  return Stage(method, layer, _parse_keep(m.group(3), part),
+               positions or DEFAULT_POSITIONS[method])
+
+
+def _check_order(schedule: Schedule) -> None:
+  for a, b in zip(schedule, schedule[1:]):
+    if b.layer <= a.layer:
+      raise InputError(f"schedule stages must have strictly increasing layers: {a} then {b}")
+
+
+def parse(text: str, positions: str | None = None) -> Schedule:
+  """Parses "METHOD@LAYER:KEEP[,METHOD@LAYER:KEEP...]"; `positions` overrides each method's default."""
+  if positions is not None:
+    _check_positions(positions)
+  if not isinstance(text, str) or not text.strip():
+    raise InputError(f"empty pruning schedule {text!r}: expected METHOD@LAYER:KEEP[,...]")
+  parts = [p.strip() for p in text.split(",")]
+  if any(not p for p in parts):
+    raise InputError(f"schedule {text!r} has an empty stage (stray comma)")
+  schedule = tuple(_parse_stage(p, positions) for p in parts)
+  _check_order(schedule)
+  return schedule
+
+
+def keep_count(keep: int | str, n_in: int) -> int:
+  """A count as is; a percentage of the `n_in` entering tokens, rounded half up."""
+  if isinstance(keep, str):
+    return math.floor(float(keep.rstrip("%")) * n_in / 100 + 0.5)
+  return keep
+
+
+def _resolve_stage(stage: Stage, n_in: int, num_layers: int) -> Stage:
+  _check_method(stage.method, str(stage))
+  _check_positions(stage.positions)
+  if not min_layer(stage.method) <= stage.layer < num_layers:
+    raise InputError(f"schedule stage {stage}: layer must be in [{min_layer(stage.method)}, "
+                     f"{num_layers - 1}] for this {num_layers}-layer model")
+  k = keep_count(stage.keep, n_in)
+  if not isinstance(k, int) or not 0 <= k <= n_in:
+    raise InputError(f"schedule stage {stage}: keeps {k} visual tokens but only {n_in} enter it")
+  return dataclasses.replace(stage, keep=k, visual_in=n_in)
+
+
+def resolve(schedule: Schedule, n_visual: int, num_layers: int) -> Schedule:
+  """Checks a schedule against a model and an input; returns it with integer keep counts.
+
+  n_visual: visual tokens per example at the LLM input (the same for every example).
+  """
+  if isinstance(schedule, str):
+    schedule = parse(schedule)
+  _check_order(schedule)
+  out, n_in = [], n_visual
+  for stage in schedule:
+    out.append(_resolve_stage(stage, n_in, num_layers))
+    n_in = out[-1].keep
+  return tuple(out)
+
+
+def from_budget(method: str, layer: int, budget: float, n_visual: int, num_layers: int,
+                positions: str | None = None) -> Schedule:
+  """One stage whose layer-averaged visual-token count is `budget` (pruning.md §3.2).
+
+  k = floor((L * budget - K * N_v) / (L - K)); while k < 0, K decreases (not below the method's
+  minimum layer). Exact rational arithmetic, so 4992/30 floors to 166 without float surprises.
+  """
+  _check_method(method, f"{method}@{layer}")
+  b = fractions.Fraction(str(budget))
+  if not 0 <= b <= n_visual:
+    raise InputError(f"budget {budget} must be in [0, {n_visual}] visual tokens")
+  L = num_layers
+  if not min_layer(method) <= layer < L:
+    raise InputError(f"{method}@{layer}: layer must be in [{min_layer(method)}, {L - 1}]")
+  for K in range(layer, min_layer(method) - 1, -1):
+    k = math.floor((L * b - K * n_visual) / (L - K))
+    if k >= 0:
+      stage = Stage(method, K, k, positions or DEFAULT_POSITIONS[method])
+      return resolve((stage,), n_visual, num_layers)
+  raise InputError(f"budget {budget} is unreachable with {method}: even at layer "
+                   f"{min_layer(method)} the first layers alone average more visual tokens")
+
+
+def needs(schedule: Schedule) -> frozenset:
+  """What the stages need from layer K-1 (a subset of {"queries", "attn_row"})."""
+  return frozenset().union(*(METHODS[s.method].NEEDS for s in schedule))
+
+
+def average_visual(schedule: Schedule, num_layers: int) -> float:
+  """Layer-averaged visual-token count (1/L) Σ_l N_vis(l) of a resolved schedule."""
+  counts = visual_per_layer(schedule, num_layers)
+  return sum(counts) / num_layers
+
+
+def visual_per_layer(schedule: Schedule, num_layers: int, n_visual: int | None = None) -> list[int]:
+  """N_vis(l) for l = 0..L-1 of a resolved schedule (n_visual defaults to the first stage's input)."""
+  n = n_visual if n_visual is not None else (schedule[0].visual_in if schedule else 0)
+  counts, stages = [], list(schedule)
+  for l in range(num_layers):
+    while stages and stages[0].layer == l:
+      n = stages.pop(0).keep
+    counts.append(n)
+  return counts
