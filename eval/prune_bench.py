@@ -33,8 +33,8 @@ import numpy as np
 
 import jaxmm.cli
 from jaxmm import api, flops
+from jaxmm import inputs as inputs_lib
 from jaxmm.errors import InputError
-from jaxmm.layers import rope
 from jaxmm.models import llama, llava, segments
 from jaxmm.pruning import entropy, schedule as schedule_lib, select
 
@@ -127,23 +127,6 @@ def decoder_prefill(tc, lp, state, key, sched):
   return llama.lm_logits(tc, lp, segs[-1].state.hidden[:, -1:])[:, 0]
 
 
-@functools.partial(jax.jit, static_argnames=("tc", "start", "end", "needs"))
-def run_and_capture(tc, layers_p, state, start, end, needs):
-  """Layers [start, end) on `state`; the last one captures `needs`. Returns (state, aux)."""
-  b, n = state.valid.shape
-  mask = llama.attention_mask(jnp.broadcast_to(jnp.arange(n), (b, n)), state.valid)
-  split = end - 1 if needs else end
-  part = jax.tree.map(lambda a: a[start:split], layers_p)
-  x, _ = llama.run_layers(tc, part, state.hidden, state.positions, mask)
-  if not needs:
-    return state.replace(hidden=x), {}
-  sc = rope.sin_cos(state.positions, rope.inv_frequencies(tc))
-  layer = llama.DecoderLayer(tc, capture=tuple(sorted(needs)))
-  (x, _), inter = layer.apply({"params": jax.tree.map(lambda a: a[end - 1], layers_p)}, x, sc,
-                              mask, None, mutable=["intermediates"])
-  return state.replace(hidden=x), {k: inter["intermediates"]["attn"][k][0] for k in needs}
-
-
 def median_time(fn, runs: int) -> float:
   fn()  # compile / warm up
   out = []
@@ -158,13 +141,15 @@ def scoring_time(tc, lp, state, sched, key, runs: int) -> float:
   """Σ over stages of the median time of the stage's score function alone (jitted)."""
   total, start = 0.0, 0
   score_fn = jax.jit(select.scores, static_argnums=0)
+  run_range = jax.jit(segments.run_range, static_argnums=(0, 3, 4, 5))
   for i, stage in enumerate(sched):
     needs = schedule_lib.needs((stage,))
     if stage.layer > start:
-      state, aux = run_and_capture(tc, lp["layers"], state, start, stage.layer, needs)
+      seg, aux = run_range(tc, lp["layers"], state, start, stage.layer, needs)
+      state = seg.state
     else:
       aux = {}
-    k = jax.random.fold_in(key, i)
+    k = jax.vmap(lambda kk: jax.random.fold_in(kk, i))(key)
     total += median_time(lambda: score_fn(stage, state, aux, k), runs)
     state = select.apply_stage(stage, state, aux, k)
     start = stage.layer
@@ -201,10 +186,10 @@ def sched_text(sched) -> str:
 def measure(m, ids, mask, px, scheds, args) -> dict:
   cfg, tc, lp = m.config, m.config.text, m.params["llm"]
   ids, mask, px = jnp.asarray(ids), jnp.asarray(mask).astype(bool), jnp.asarray(px)
-  pos = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
+  pos = inputs_lib.positions_from_mask(mask)
   state = llava.token_state(cfg, m.params, ids, px, mask, pos)
   n_vis = cfg.num_image_tokens
-  key = jax.random.PRNGKey(args.seed)
+  key = inputs_lib.example_keys(args.seed, ids.shape[0])
   all_scheds = [()] + scheds
   fns = [functools.partial(decoder_prefill, tc, lp, state, key, s) for s in all_scheds]
   times = [[] for _ in fns]

@@ -42,11 +42,11 @@ def _check(cfg, ids, pixel_values, schedule):
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "schedule", "max_new_tokens"))
-def _prefill(cfg, params, ids_BxT, px, mask_BxT, pos_BxT, key, schedule, max_new_tokens):
+def _prefill(cfg, params, ids_BxT, px, mask_BxT, pos_BxT, keys, schedule, max_new_tokens):
   """Runs the prompt through the schedule. Returns (last logits f32[B, V], segments, kept)."""
   tc, lp = text_parts(cfg, params)
   state = _token_state(cfg, params, ids_BxT, px, mask_BxT, pos_BxT)
-  segs, kept = seg_lib.prefill(tc, lp["layers"], state, schedule, key, max_new_tokens)
+  segs, kept = seg_lib.prefill(tc, lp["layers"], state, schedule, keys, max_new_tokens)
   return llama.lm_logits(tc, lp, segs[-1].state.hidden[:, -1:])[:, 0], segs, kept
 
 
@@ -91,9 +91,11 @@ def _decode(tc, lp, logits_BxV, segs, ranges, max_new_tokens):
 
 
 def generate(cfg, params, *, input_ids, pixel_values=None, attention_mask=None,
-             max_new_tokens: int = 32, schedule=None, seed: int = 0) -> np.ndarray:
+             max_new_tokens: int = 32, schedule=None, seed: int = 0,
+             example_ids=None) -> np.ndarray:
   """Greedy decoding. Prompts must be left padded. `schedule` (text or parsed) prunes visual
-  tokens at prefill; `seed` drives random pruning. Returns the new tokens i32[B, n], n <=
+  tokens at prefill; random pruning draws from fold_in(PRNGKey(seed), example id), with
+  `example_ids` defaulting to the row numbers. Returns the new tokens i32[B, n], n <=
   max_new_tokens (the loop stops once every sequence has produced EOS; finished sequences are
   filled with the pad id)."""
   if max_new_tokens < 1:
@@ -102,8 +104,8 @@ def generate(cfg, params, *, input_ids, pixel_values=None, attention_mask=None,
   if not bool(np.all(np.asarray(mask)[:, -1])):
     raise InputError("generation needs left padding: the last position of every prompt must be valid")
   px, sched = _check(cfg, ids, pixel_values, schedule)
-  key = jax.random.PRNGKey(seed)
-  logits, segs, _ = _prefill(cfg, params, ids, px, mask, pos, key, sched, max_new_tokens)
+  keys = inputs_lib.example_keys(seed, ids.shape[0], example_ids)
+  logits, segs, _ = _prefill(cfg, params, ids, px, mask, pos, keys, sched, max_new_tokens)
   tc, lp = text_parts(cfg, params)
   ranges = tuple(seg_lib.layer_ranges(sched, tc.num_layers))
   out, steps = _decode(tc, lp, logits, segs, ranges, max_new_tokens)

@@ -1,4 +1,5 @@
 """Validation and defaults for model inputs, done on the host before anything is traced."""
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -26,3 +27,12 @@ def text_inputs(input_ids, attention_mask=None, position_ids=None):
   if pos.shape != ids.shape:
     raise InputError(f"position_ids shape {list(pos.shape)} != input_ids shape {list(ids.shape)}")
   return ids.astype(jnp.int32), mask, pos
+
+
+def example_keys(seed: int, batch: int, example_ids=None):
+  """Per-example PRNG keys fold_in(PRNGKey(seed), id); ids default to the row numbers."""
+  ids = np.arange(batch) if example_ids is None else np.asarray(example_ids)
+  if ids.shape != (batch,):
+    raise InputError(f"example_ids must have one id per example ({batch}), got shape {list(ids.shape)}")
+  base = jax.random.PRNGKey(seed)
+  return jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.asarray(ids, jnp.uint32))

@@ -62,12 +62,12 @@ def token_state(cfg: LlavaConfig, params, input_ids_BxT, pixel_values, mask_BxT,
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "schedule"))
-def _forward(cfg, params, input_ids, pixel_values, mask, positions, key, schedule):
+def _forward(cfg, params, input_ids, pixel_values, mask, positions, keys, schedule):
   if not schedule:
     x = input_embeddings(cfg, params, input_ids, pixel_values)
     return CausalLMOutput(logits=llama.decode_embeds(cfg.text, params["llm"], x, mask, positions))
   state = token_state(cfg, params, input_ids, pixel_values, mask, positions)
-  segs, kept = segments.prefill(cfg.text, params["llm"]["layers"], state, schedule, key)
+  segs, kept = segments.prefill(cfg.text, params["llm"]["layers"], state, schedule, keys)
   final = segs[-1].state
   return CausalLMOutput(logits=llama.lm_logits(cfg.text, params["llm"], final.hidden), kept=kept,
                         origin=final.origin)
@@ -106,14 +106,16 @@ def check_inputs(cfg: LlavaConfig, ids, pixel_values, schedule):
 
 
 def forward(cfg: LlavaConfig, params, *, input_ids, pixel_values=None, attention_mask=None,
-            position_ids=None, schedule=None, seed: int = 0):
+            position_ids=None, schedule=None, seed: int = 0, example_ids=None):
   """input_ids i32[B, T] with `cfg.num_image_tokens` placeholders per image; pixel_values
   f32[images, C, H, W]; attention_mask {0,1}[B, T].
 
   Returns CausalLMOutput(logits f32[B, T, V]). With a pruning `schedule` (text such as
-  "entropy@2:98" or a parsed one; `seed` drives random pruning) the logits cover the T' tokens
+  "entropy@2:98" or a parsed one; random pruning draws from fold_in(PRNGKey(seed), example id),
+  `example_ids` defaulting to the row numbers) the logits cover the T' tokens
   left after the last stage, `origin` i32[B, T'] gives their index in the unpruned sequence and
   `kept` holds, per stage, the original indices i32[B, k] of the kept visual tokens."""
   ids, mask, pos = inputs_lib.text_inputs(input_ids, attention_mask, position_ids)
   px, sched = check_inputs(cfg, ids, pixel_values, schedule)
-  return _forward(cfg, params, ids, px, mask, pos, jax.random.PRNGKey(seed), sched)
+  keys = inputs_lib.example_keys(seed, ids.shape[0], example_ids)
+  return _forward(cfg, params, ids, px, mask, pos, keys, sched)

@@ -50,8 +50,10 @@ def _captured_layer(cfg, layer_p, x, positions, mask, needs, kv):
   return y, (None if c is None else (c[0][None], c[1][None])), aux
 
 
-def _run_range(cfg, layers_p, state, start, end, needs, max_new):
-  """Layers [start, end) on `state`; the last one captures `needs` when non-empty."""
+def run_range(cfg, layers_p, state, start, end, needs=frozenset(), max_new=None):
+  """Layers [start, end) on `state`; the last one captures `needs` when non-empty.
+
+  Returns (Segment, aux): aux maps each need to its capture from layer end-1 (see attention)."""
   b, n = state.valid.shape
   kv_valid = None if max_new is None else jnp.concatenate(
       [state.valid, jnp.zeros((b, max_new), bool)], axis=1)
@@ -70,9 +72,11 @@ def _run_range(cfg, layers_p, state, start, end, needs, max_new):
   return Segment(state.replace(hidden=x), kv, kv_valid), aux
 
 
-def prefill(cfg, layers_p, state: TokenState, schedule, key, max_new=None):
+def prefill(cfg, layers_p, state: TokenState, schedule, keys_B, max_new=None):
   """Runs all layers over the prompt, pruning per the (resolved) schedule.
 
+  keys_B: one PRNG key per example (random pruning draws from the example's own key, so an
+  example prunes the same way alone or in any batch).
   Returns (segments, kept): one Segment per layer range (its state holds the hidden states
   leaving the segment), and per stage the original indices i32[B, k] of the kept visual tokens.
   `max_new=None` skips the KV caches (plain forward).
@@ -82,11 +86,12 @@ def prefill(cfg, layers_p, state: TokenState, schedule, key, max_new=None):
     aux = {}
     if stage.layer > start:  # resolve() guarantees increasing layers and K >= 1 for needs
       needs = schedule_lib.needs((stage,))
-      seg, aux = _run_range(cfg, layers_p, state, start, stage.layer, needs, max_new)
+      seg, aux = run_range(cfg, layers_p, state, start, stage.layer, needs, max_new)
       segments.append(seg)
       state = seg.state
-    state = select.apply_stage(stage, state, aux, jax.random.fold_in(key, i))
+    stage_keys = jax.vmap(lambda k: jax.random.fold_in(k, i))(keys_B)
+    state = select.apply_stage(stage, state, aux, stage_keys)
     kept.append(select.kept_indices(state))
     start = stage.layer
-  seg, _ = _run_range(cfg, layers_p, state, start, cfg.num_layers, frozenset(), max_new)
+  seg, _ = run_range(cfg, layers_p, state, start, cfg.num_layers, frozenset(), max_new)
   return segments + [seg], tuple(kept)

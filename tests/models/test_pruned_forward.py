@@ -65,7 +65,7 @@ def test_fastv_row_matches_transformers_attentions(tiny):
                output_attentions=True)
   ref = hf.attentions[k_layer - 1][:, :, -1, :].mean(1).numpy()
   state = llava.token_state(cfg, params, ids, px, mask.astype(bool), hf_positions(mask))
-  _, aux = segments._run_range(cfg.text, params["llm"]["layers"], state, 0, k_layer,
+  _, aux = segments.run_range(cfg.text, params["llm"]["layers"], state, 0, k_layer,
                                frozenset({"attn_row"}), None)
   ours = np.asarray(aux["attn_row"])
   valid = mask.astype(bool)
@@ -121,3 +121,16 @@ def test_schedule_errors_name_the_problem(tiny):
     fwd("entropy@two:5")
   with pytest.raises(InputError):
     fwd("nosuchmethod@1:5")
+
+
+def test_random_pruning_independent_of_batch_composition(tiny):
+  """An example prunes the same way alone and in a batch when it keeps its example id."""
+  _, cfg, params, ids, mask, px = tiny
+  both = llava.forward(cfg, params, input_ids=ids, pixel_values=px, attention_mask=mask,
+                       schedule="random@1:4,random@2:2", example_ids=[7, 11])
+  alone = llava.forward(cfg, params, input_ids=ids[1:, 3:], pixel_values=px[1:],
+                        schedule="random@1:4,random@2:2", example_ids=[11])
+  for kb, ka in zip(both.kept, alone.kept):
+    np.testing.assert_array_equal(np.asarray(kb)[1] - 3, np.asarray(ka)[0])
+  np.testing.assert_allclose(np.asarray(both.logits)[1, -1], np.asarray(alone.logits)[0, -1],
+                             atol=1e-5)
