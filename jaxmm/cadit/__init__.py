@@ -1,0 +1,1 @@
+"""CADIT: conditional adversarial image translation for domain adaptation (spec: cadit.md)."""

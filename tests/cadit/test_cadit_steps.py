@@ -1,0 +1,109 @@
+"""Networks' contracts, gradient reversal, and the alternating steps' parameter groups."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxmm.cadit import config, networks, steps
+
+CFG = config.tiny()
+
+
+def _batch(cfg, seed=0):
+  r = np.random.default_rng(seed)
+  shape = (cfg.batch, cfg.image_size, cfg.image_size, cfg.channels)
+  return {"xs": jnp.asarray(r.uniform(-1, 1, shape), jnp.float32),
+          "ys": jnp.asarray(r.integers(0, cfg.num_classes, cfg.batch), jnp.int32),
+          "xt": jnp.asarray(r.uniform(-1, 1, shape), jnp.float32)}
+
+
+@pytest.fixture(scope="module")
+def runner():
+  return steps.get(CFG, fast_compile=True)
+
+
+def _changed(before, after) -> set:
+  return {role for role in before
+          if any(not np.array_equal(a, b) for a, b in
+                 zip(jax.tree.leaves(before[role]), jax.tree.leaves(after[role])))}
+
+
+def test_grad_reverse_flips_and_scales_gradients():
+  x = jnp.array([1.0, -2.0, 3.0])
+  w = jnp.array([0.5, 4.0, -1.0])
+  np.testing.assert_array_equal(networks.grad_reverse(x, 0.7), x)
+  g = jax.grad(lambda x: (networks.grad_reverse(x, 0.7) * w).sum())(x)
+  np.testing.assert_allclose(g, -0.7 * w, rtol=1e-6)
+  g_plain = jax.grad(lambda x: (x * w).sum())(x)
+  np.testing.assert_allclose(g, -0.7 * g_plain, rtol=1e-6)
+
+
+def test_network_shapes():
+  """Shapes by abstract evaluation (no compile): G keeps the image shape, D gives one logit
+  (2K for joint2k), LeNet gives K logits and F features."""
+  b = _batch(CFG)
+  y = jax.nn.one_hot(b["ys"], CFG.num_classes)
+  for mode, d_shape in (("concat", (CFG.batch,)), ("projection", (CFG.batch,)),
+                        ("joint2k", (CFG.batch, 2 * CFG.num_classes))):
+    cfg = dataclasses.replace(CFG, d_mode=mode)
+    nets = networks.build(cfg)
+    p = jax.eval_shape(lambda k: networks.init_params(cfg, k), jax.random.key(0, impl="rbg"))
+    assert jax.eval_shape(lambda p: nets.g_st.apply({"params": p}, b["xs"]), p["g_st"]).shape \
+        == b["xs"].shape
+    assert jax.eval_shape(lambda p: nets.d_t.apply({"params": p}, b["xs"], y), p["d_t"]).shape \
+        == d_shape
+  logits, feat = jax.eval_shape(lambda p: nets.c_t.apply({"params": p}, b["xs"]), p["c_t"])
+  assert logits.shape == (CFG.batch, CFG.num_classes) and feat.shape == (CFG.batch, 16)
+  maps = networks.label_maps(b["xs"][:2], y[:2])
+  np.testing.assert_array_equal(maps[:, 3, 5, 1:], y[:2])
+
+
+def test_pretrain_updates_only_source_classifier_and_hands_it_over(runner):
+  state = steps.init_state(CFG, 0)
+  b = _batch(CFG)
+  new, _ = runner.pretrain(state, b)
+  assert _changed(state["params"], new["params"]) == {"c_s"}
+  for i in range(1, CFG.pretrain_steps):
+    new, _ = runner.pretrain(new, b)
+  assert int(new["step"]) == CFG.pretrain_steps
+  assert not _changed({"c": new["params"]["c_s"]}, {"c": new["params"]["c_t"]})
+
+
+def test_alternating_steps_update_only_their_groups(runner):
+  state = steps.init_state(CFG, 0)
+  state = {**state, "step": jnp.asarray(CFG.pretrain_steps + 2, jnp.int32)}
+  b = _batch(CFG)
+  s_d, tr, m_d = runner.d_step(state, b)
+  assert _changed(state["params"], s_d["params"]) == {"d_t", "d_s"}
+  s_g, m_g = runner.g_step(s_d, b, tr)
+  assert _changed(s_d["params"], s_g["params"]) == {"g_st", "g_ts"}
+  s_c, m_c = runner.c_step(s_g, b, tr)
+  assert _changed(s_g["params"], s_c["params"]) == {"c_s", "c_t"}  # dom: zero grads, no move
+  assert int(s_c["step"]) == int(state["step"]) + 1
+  for m in (m_d, m_g, m_c):
+    assert all(np.isfinite(float(v)) for v in m.values())
+  # the optimiser states of other groups are untouched, too
+  assert not _changed({"o": state["opt"]["c"]}, {"o": s_g["opt"]["c"]})
+
+
+def test_dann_and_source_only_steps_train_the_target_classifier(runner):
+  state = steps.init_state(CFG, 0)
+  state = {**state, "step": jnp.asarray(CFG.pretrain_steps, jnp.int32)}
+  b = _batch(CFG)
+  s_src, _ = runner.source_step(state, b)
+  assert _changed(state["params"], s_src["params"]) == {"c_t"}
+  s_dann, m = runner.dann_step({**state, "step": state["step"] + 3}, b)
+  assert _changed(state["params"], s_dann["params"]) == {"c_t", "dom"}
+  assert np.isfinite(float(m["dom"]))
+
+
+def test_unidirectional_keeps_the_source_classifier_frozen():
+  cfg = dataclasses.replace(CFG, bidirectional=False)
+  run = steps.get(cfg, fast_compile=True)
+  state = {**steps.init_state(cfg, 0), "step": jnp.asarray(cfg.pretrain_steps, jnp.int32)}
+  state, _ = run.cadit_step(state, _batch(cfg))
+  after = state["params"]
+  before = steps.init_state(cfg, 0)["params"]
+  assert _changed(before, after) == {"d_t", "g_st", "c_t"}

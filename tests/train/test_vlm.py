@@ -1,0 +1,89 @@
+"""`jaxmm train vlm`: inputs equal the saved processor's, answer-only targets, kill + resume."""
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import jaxmm
+from jaxmm import checkpoint
+from jaxmm.data import digits_vqa
+from jaxmm.errors import JaxmmError
+from train import vlm
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = vlm.tiny()
+
+
+@pytest.fixture(scope="module")
+def tiny_run():
+  return vlm.Run(TINY)
+
+
+def test_training_inputs_equal_what_the_saved_processor_gives(tiny_run, tmp_path):
+  from transformers import AutoProcessor
+  tiny_run.save_model(tmp_path / "m")
+  proc = AutoProcessor.from_pretrained(tmp_path / "m")
+  images, items = digits_vqa.make_split(TINY.data, "test", 2, seed=0)
+  enc = vlm.Encoder(tiny_run.tok, tiny_run.cfg.num_image_tokens, tiny_run.cfg.image_token_id)
+  for img, qa in zip(images, items):
+    q = qa[0][1]
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}]
+    got = proc(images=Image.fromarray(img).convert("RGB"), return_tensors="np",
+               text=proc.apply_chat_template(msgs, add_generation_prompt=True))
+    assert got["input_ids"][0].tolist() == enc.prompt(q)
+    np.testing.assert_allclose(got["pixel_values"][0], vlm.pixel_values(img[None])[0], atol=1e-5)
+
+
+def test_targets_are_exactly_the_answers_and_eos(tiny_run):
+  _, items = digits_vqa.training_set(TINY.data, TINY.train_images, TINY.seed,
+                                     TINY.turns_per_category)
+  tok = tiny_run.tok
+  for ids, target, qa in zip(tiny_run.ids[:8], tiny_run.target[:8], items[:8]):
+    got = tok.convert_ids_to_tokens(ids[target].tolist())
+    assert got[1::2] == ["</s>"] * len(qa)  # every answer is one word, then EOS
+    assert sorted(got[0::2]) == sorted(a for _, _, a in qa)
+    assert (ids == tiny_run.cfg.image_token_id).sum() == tiny_run.cfg.num_image_tokens
+
+
+def test_default_preset_meets_the_issue_shape():
+  tc = vlm.default()
+  cfg = vlm.model_config(tc, vlm.word_tokenizer(digits_vqa.words(tc.data)))
+  assert cfg.num_image_tokens >= 144 and cfg.text.num_layers >= 8
+
+
+def test_a_run_with_another_config_is_refused(tmp_path):
+  vlm._check_same_config(tmp_path, TINY, None)
+  with pytest.raises(JaxmmError, match="another configuration"):
+    vlm._check_same_config(tmp_path, dataclasses.replace(TINY, lr=1.0), None)
+
+
+def _train_cli(out, *extra):
+  env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
+  return subprocess.run([sys.executable, "-m", "train.vlm", "--preset", "tiny", "--out", str(out),
+                         *extra], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_killed_run_resumes_from_its_last_checkpoint(tmp_path):
+  out = tmp_path / "run"
+  killed = _train_cli(out, "--kill-at-step", "3")
+  assert killed.returncode == -9, killed.stderr[-2000:]
+  assert checkpoint.TrainCheckpointer(out / "ckpt").latest_step() == 2
+  assert not (out / "model").exists()
+  before = {r["step"]: r for r in map(json.loads, (out / "log.jsonl").read_text().splitlines())}
+  assert sorted(before) == [1, 2, 3]
+  resumed = _train_cli(out)
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  assert "resumed from step 2" in resumed.stdout
+  after = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in after] == list(range(1, TINY.steps + 1))
+  # Step 3 ran twice: before the kill from live state, after it from the restored checkpoint.
+  assert after[2]["loss"] == pytest.approx(before[3]["loss"], rel=1e-6, abs=1e-7)
+  assert after[2]["loss"] != after[3]["loss"]
+  m = jaxmm.load(out / "model")
+  assert m.config.num_image_tokens == 16 and m.config.text.num_layers == TINY.text_layers

@@ -1,0 +1,404 @@
+"""Train a small LLaVA from scratch on digits-VQA: `jaxmm train vlm --out OUT`.
+
+CLIP-style ViT -> 2-layer MLP projector -> LLaMA decoder, with a word-level tokenizer whose
+vocabulary is the question/answer words. Each training sequence is a multi-turn conversation
+about one image (LLaVA-1.5's training format: `USER: <image> q1 ASSISTANT: a1 </s> USER: q2 ...`);
+the loss is next-token cross-entropy on the answer tokens (and their `</s>`) only, so one pass
+over the visual tokens supervises several answers.
+
+OUT receives ckpt/ (orbax; a killed run resumes from its last checkpoint), log.jsonl and model/
+(a converted-format folder with the tokenizer and processor: `jaxmm.load(OUT / "model")`).
+With `--llm FOLDER` (a converted `llama` model, e.g. SmolLM2-135M) the decoder is that model,
+kept frozen, with its own tokenizer plus an `<image>` token; only the vision tower and the
+projector train.
+"""
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import signal
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm import tqdm
+
+import jaxmm.cli
+from jaxmm import api, checkpoint, inputs
+from jaxmm.config import ClipVisionConfig, LlamaConfig, LlavaConfig
+from jaxmm.data import digits_vqa
+from jaxmm.data.tokenizer import llava_processor, word_tokenizer
+from jaxmm.errors import JaxmmError
+from jaxmm.layers import rope
+from jaxmm.layers.mlp import Mlp
+from jaxmm.models import clip, llama, llava
+
+# CLIP normalisation, as the saved CLIPImageProcessor applies it (pixels / 255, then these).
+CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
+CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Model sizes, data and optimisation of one training run."""
+  data: digits_vqa.DigitsVQAConfig = digits_vqa.DigitsVQAConfig()
+  patch_size: int = 4
+  vision_width: int = 128
+  vision_layers: int = 4
+  vision_heads: int = 4
+  text_width: int = 128
+  text_layers: int = 8
+  text_heads: int = 4
+  text_kv_heads: int = 2
+  train_images: int = 16384
+  turns_per_category: int = 2     # questions of each category per training conversation
+  steps: int = 600
+  batch_size: int = 32
+  lr: float = 2e-3
+  warmup: int = 50
+  weight_decay: float = 0.01
+  seed: int = 0
+  ckpt_every: int = 100
+  log_every: int = 10
+
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, d: dict) -> "TrainConfig":
+    return cls(**{**d, "data": digits_vqa.DigitsVQAConfig(**d["data"])})
+
+
+def default() -> TrainConfig:
+  """The embedded default (`make demo`): 48 px, patch 4 -> 144 visual tokens, 8-layer decoder."""
+  return TrainConfig()
+
+
+def tiny() -> TrainConfig:
+  """Seconds-long runs for tests: 16 px / patch 4 (16 visual tokens), 2+2 layers of width 32."""
+  return TrainConfig(data=digits_vqa.DigitsVQAConfig(grid=2, cell_px=8), vision_width=32,
+                     vision_layers=2, vision_heads=2, text_width=32, text_layers=2, text_heads=2,
+                     text_kv_heads=1, train_images=64, steps=6, batch_size=4, warmup=2,
+                     ckpt_every=2, log_every=1)
+
+
+PRESETS = {"default": default, "tiny": tiny}
+
+
+def fingerprint(tc: TrainConfig) -> str:
+  return hashlib.sha1(json.dumps(tc.to_dict(), sort_keys=True).encode()).hexdigest()[:10]
+
+
+# ---- model ---------------------------------------------------------------------------------------
+
+def model_config(tc: TrainConfig, tok, text: LlamaConfig | None = None) -> LlavaConfig:
+  """The LlavaConfig trained: the decoder is built from `tc`, or is `text` (a frozen LLM)."""
+  size = tc.data.image_size
+  vision = ClipVisionConfig(hidden_size=tc.vision_width, intermediate_size=4 * tc.vision_width,
+                            num_layers=tc.vision_layers, num_heads=tc.vision_heads,
+                            image_size=size, patch_size=tc.patch_size)
+  if text is None:
+    w, h = tc.text_width, tc.text_heads
+    text = LlamaConfig(vocab_size=len(tok), hidden_size=w, intermediate_size=(8 * w) // 3 // 8 * 8,
+                       num_layers=tc.text_layers, num_heads=h, num_kv_heads=tc.text_kv_heads,
+                       head_dim=w // h, rms_norm_eps=1e-5, max_position_embeddings=512,
+                       bos_token_id=tok.bos_token_id, eos_token_ids=(tok.eos_token_id,),
+                       pad_token_id=tok.pad_token_id)
+  # The last ViT layer feeds the projector: trained from scratch, no layer is "too specific".
+  return LlavaConfig(vision=vision, text=text, image_token_id=tok.convert_tokens_to_ids("<image>"),
+                     vision_feature_layer=-1)
+
+
+def _stacked(module, key, n: int, *args):
+  """Params of `n` independently initialised copies of a Flax layer, stacked on axis 0."""
+  return jax.vmap(lambda k: module.init(k, *args)["params"])(jax.random.split(key, n))
+
+
+def init_vision(cfg: ClipVisionConfig, key) -> dict:
+  k_patch, k_pos, k_layers = jax.random.split(key, 3)
+  d, p, c = cfg.hidden_size, cfg.patch_size, cfg.num_channels
+  x = jnp.zeros((1, cfg.num_patches + 1, d))
+  return {"patch_embed": {"kernel": jax.random.normal(k_patch, (p, p, c, d)) * (p * p * c) ** -0.5},
+          "class_embed": jnp.zeros((d,)),
+          "pos_embed": jax.random.normal(k_pos, (cfg.num_patches + 1, d)) * 0.02,
+          "pre_ln": {"scale": jnp.ones((d,)), "bias": jnp.zeros((d,))},
+          "layers": _stacked(clip.EncoderLayer(cfg), k_layers, cfg.num_layers, x)}
+
+
+def init_text(cfg: LlamaConfig, key) -> dict:
+  k_emb, k_layers, k_head = jax.random.split(key, 3)
+  d, t = cfg.hidden_size, 4  # any length: only the shapes of the weights matter
+  x, pos = jnp.zeros((1, t, d)), jnp.zeros((1, t), jnp.int32)
+  sc = rope.sin_cos(pos, rope.inv_frequencies(cfg))
+  mask = jnp.ones((1, t, t), bool)
+  p = {"embed": jax.random.normal(k_emb, (cfg.vocab_size, d)) * 0.02,
+       "layers": _stacked(llama.DecoderLayer(cfg), k_layers, cfg.num_layers, x, sc, mask),
+       "norm": {"scale": jnp.ones((d,))}}
+  if not cfg.tie_word_embeddings:
+    p["lm_head"] = {"kernel": jax.random.normal(k_head, (d, cfg.vocab_size)) * d ** -0.5}
+  return p
+
+
+def init_params(cfg: LlavaConfig, key, llm_params=None) -> dict:
+  """A freshly initialised LLaVA params tree (the decoder is `llm_params` when given)."""
+  k_v, k_p, k_t = jax.random.split(key, 3)
+  d_in, d = cfg.vision.hidden_size * len(cfg.feature_layers), cfg.text.hidden_size
+  proj = Mlp(d, d, cfg.projector_hidden_act, cfg.multimodal_projector_bias)
+  return {"vision": init_vision(cfg.vision, k_v),
+          "projector": proj.init(k_p, jnp.zeros((1, d_in)))["params"],
+          "llm": llm_params if llm_params is not None else init_text(cfg.text, k_t)}
+
+
+# ---- data ----------------------------------------------------------------------------------------
+
+def pixel_values(images_NxHxW: np.ndarray) -> np.ndarray:
+  """f32[N, 3, H, W]: grayscale uint8 grids as the saved processor preprocesses them."""
+  x = images_NxHxW.astype(np.float32)[..., None] / 255.0
+  return ((x - CLIP_MEAN) / CLIP_STD).transpose(0, 3, 1, 2)
+
+
+class Encoder:
+  """Conversations -> token ids through the model's tokenizer, segment by segment (cached).
+
+  Segments are split where the chat template puts whitespace, so for the word-level tokenizer
+  the ids equal those of the templated text; `prompt` is exactly what the processor produces.
+  """
+
+  def __init__(self, tok, num_image_tokens: int, image_token_id: int):
+    self.tok, self._cache = tok, {}
+    self.image = [image_token_id] * num_image_tokens
+
+  def _ids(self, text: str) -> list:
+    if text not in self._cache:
+      self._cache[text] = self.tok(text, add_special_tokens=False)["input_ids"]
+    return self._cache[text]
+
+  def prompt(self, question: str, first: bool = True) -> list:
+    head = self._ids("USER:") + self.image if first else self._ids("USER:")
+    return head + self._ids(question) + self._ids("ASSISTANT:")
+
+  def conversation(self, turns) -> tuple[list, list]:
+    """(ids, is_target) for [(question, answer), ...]: targets are answer tokens and EOS."""
+    ids, target = [], []
+    for i, (q, a) in enumerate(turns):
+      p, ans = self.prompt(q, i == 0), self._ids(a) + [self.tok.eos_token_id]
+      ids += p + ans
+      target += [False] * len(p) + [True] * len(ans)
+    return ids, target
+
+
+def encode_training_set(enc: Encoder, items, seed: int, pad_id: int):
+  """(ids i32[N, T], target bool[N, T]) right padded; the turn order is shuffled per image."""
+  rng = np.random.default_rng(seed)
+  rows = []
+  for qa in items:
+    turns = [(q, a) for _, q, a in qa]
+    rows.append(enc.conversation([turns[i] for i in rng.permutation(len(turns))]))
+  t = -(-max(len(r[0]) for r in rows) // 8) * 8
+  ids = np.full((len(rows), t), pad_id, np.int32)
+  target = np.zeros((len(rows), t), bool)
+  for i, (r, m) in enumerate(rows):
+    ids[i, :len(r)], target[i, :len(m)] = r, m
+  return ids, target
+
+
+# ---- training ------------------------------------------------------------------------------------
+
+def optimizer(tc: TrainConfig, frozen_llm: bool) -> optax.GradientTransformation:
+  sched = optax.warmup_cosine_decay_schedule(0.0, tc.lr, tc.warmup, max(tc.steps, tc.warmup + 1),
+                                             tc.lr * 0.02)
+  tx = optax.chain(optax.clip_by_global_norm(1.0),
+                   optax.adamw(sched, b1=0.9, b2=0.98, weight_decay=tc.weight_decay))
+  if not frozen_llm:
+    return tx
+  labels = lambda p: {k: ("frozen" if k == "llm" else "train") for k in p}
+  return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+
+
+def loss_fn(cfg: LlavaConfig, params, ids_BxT, target_BxT, pixels, frozen_llm: bool):
+  """Mean next-token cross-entropy over target tokens; also returns their accuracy."""
+  if frozen_llm:  # no weight gradients for the LLM; activations still carry them to the vision
+    params = {**params, "llm": jax.lax.stop_gradient(params["llm"])}
+  valid = ids_BxT != cfg.text.pad_token_id
+  x = llava.input_embeddings(cfg, params, ids_BxT, pixels)
+  logits = llama.decode_embeds(cfg.text, params["llm"], x, valid, inputs.positions_from_mask(valid))
+  logits, labels, w = logits[:, :-1], ids_BxT[:, 1:], target_BxT[:, 1:].astype(jnp.float32)
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  n = jnp.maximum(w.sum(), 1.0)
+  acc = ((jnp.argmax(logits, -1) == labels) * w).sum() / n
+  return (ce * w).sum() / n, acc
+
+
+def make_train_step(cfg: LlavaConfig, tx, frozen_llm: bool = False):
+  @jax.jit
+  def step(state, ids, target, pixels):
+    grad_fn = jax.value_and_grad(loss_fn, argnums=1, has_aux=True)
+    (loss, acc), g = grad_fn(cfg, state["params"], ids, target, pixels, frozen_llm)
+    updates, opt = tx.update(g, state["opt_state"], state["params"])
+    return {"params": optax.apply_updates(state["params"], updates), "opt_state": opt}, loss, acc
+  return step
+
+
+def batch_rows(tc: TrainConfig, step: int, n: int) -> np.ndarray:
+  """The training rows of a step: a pure function of (seed, step), so resuming needs no state."""
+  return np.random.default_rng([tc.seed, step]).choice(n, tc.batch_size, replace=False)
+
+
+# ---- a run ---------------------------------------------------------------------------------------
+
+def _tokenizer_and_llm(tc: TrainConfig, llm_dir):
+  """(tokenizer, frozen LLM model or None). A word tokenizer unless an LLM folder is given."""
+  if llm_dir is None:
+    return word_tokenizer(digits_vqa.words(tc.data)), None
+  from transformers import AutoTokenizer
+  m = api.load(llm_dir)
+  if m.family != "llama":
+    raise JaxmmError(f"--llm needs a converted llama model, {llm_dir} holds {m.family!r}")
+  try:
+    tok = AutoTokenizer.from_pretrained(llm_dir)
+  except (OSError, ValueError) as e:
+    raise JaxmmError(f"--llm {llm_dir}: no loadable tokenizer ({e})") from None
+  tok.add_tokens(["<image>"], special_tokens=True)
+  if tok.pad_token_id is None:
+    tok.pad_token = tok.eos_token
+  return tok, m
+
+
+class Run:
+  """One training run: data, model, optimiser; `state` is the checkpointed pytree."""
+
+  def __init__(self, tc: TrainConfig, llm_dir=None):
+    self.tc = tc
+    self.tok, llm = _tokenizer_and_llm(tc, llm_dir)
+    self.frozen_llm = llm is not None
+    self.cfg = model_config(tc, self.tok, llm.config if llm else None)
+    images, items = digits_vqa.training_set(tc.data, tc.train_images, tc.seed,
+                                            tc.turns_per_category)
+    self.pixels = pixel_values(images)
+    enc = Encoder(self.tok, self.cfg.num_image_tokens, self.cfg.image_token_id)
+    self.ids, self.target = encode_training_set(enc, items, tc.seed, self.tok.pad_token_id)
+    params = init_params(self.cfg, jax.random.key(tc.seed), llm.params if llm else None)
+    tx = optimizer(tc, self.frozen_llm)
+    self.state = {"params": params, "opt_state": tx.init(params)}
+    self.train_step = make_train_step(self.cfg, tx, self.frozen_llm)
+
+  def step(self, step: int) -> dict:
+    rows = batch_rows(self.tc, step, len(self.ids))
+    self.state, loss, acc = self.train_step(self.state, self.ids[rows], self.target[rows],
+                                            self.pixels[rows])
+    return {"step": step, "loss": float(loss), "answer_token_acc": float(acc)}
+
+  def save_model(self, out: Path) -> Path:
+    """The converted-format folder, with the tokenizer and processor files beside the params."""
+    proc = llava_processor(self.tok, self.cfg.vision.image_size, self.cfg.vision.patch_size)
+    with tempfile.TemporaryDirectory(prefix="jaxmm-vlm-proc-") as tmp:
+      proc.save_pretrained(tmp)
+      files = sorted(Path(tmp).iterdir())
+      params = jax.device_get(self.state["params"])
+      return checkpoint.save_model(out, "llava", self.cfg.to_dict(), params, files, overwrite=True)
+
+
+def _log(path: Path, rec: dict) -> None:
+  with path.open("a") as f:
+    f.write(json.dumps(rec) + "\n")
+
+
+def _resume(r: Run, ckpt: checkpoint.TrainCheckpointer, log: Path) -> int:
+  """Restores the latest checkpoint if there is one; returns the first step still to run."""
+  got = ckpt.restore_latest(r.state)
+  if got is None:
+    log.unlink(missing_ok=True)
+    return 1
+  step, r.state, _ = got
+  if log.exists():  # drop log lines of steps that will be redone
+    keep = [l for l in log.read_text().splitlines() if json.loads(l).get("step", 0) <= step]
+    log.write_text("".join(l + "\n" for l in keep))
+  print(f"resumed from step {step} ({ckpt.directory})", flush=True)
+  return step + 1
+
+
+def _check_same_config(out: Path, tc: TrainConfig, llm_dir) -> None:
+  """A resumed run must continue the same configuration."""
+  f = out / "train_config.json"
+  want = {"config": tc.to_dict(), "llm": str(llm_dir) if llm_dir else None}
+  if f.exists() and json.loads(f.read_text()) != want:
+    raise JaxmmError(f"{out} holds a run with another configuration ({f}); use a new --out")
+  f.write_text(json.dumps(want, indent=2))
+
+
+def train(tc: TrainConfig, out, llm_dir=None, kill_at_step=None, progress=True) -> Path:
+  """Trains (resuming from OUT/ckpt when present) and writes OUT/model; returns that folder."""
+  out = Path(out)
+  out.mkdir(parents=True, exist_ok=True)
+  _check_same_config(out, tc, llm_dir)
+  r = Run(tc, llm_dir)
+  log, ckpt = out / "log.jsonl", checkpoint.TrainCheckpointer(out / "ckpt", max_to_keep=2)
+  start = _resume(r, ckpt, log)
+  bar = tqdm(range(start, tc.steps + 1), initial=start - 1, total=tc.steps, desc="train vlm",
+             disable=not progress)
+  t0, c0 = time.perf_counter(), time.process_time()
+  for step in bar:
+    rec = r.step(step)
+    if step % tc.log_every == 0 or step == tc.steps:
+      rec.update(wall_s=time.perf_counter() - t0, cpu_s=time.process_time() - c0)
+      _log(log, rec)
+      bar.set_postfix(loss=f"{rec['loss']:.3f}", acc=f"{rec['answer_token_acc']:.3f}")
+    if step % tc.ckpt_every == 0 or step == tc.steps:
+      ckpt.save(step, r.state)
+    if kill_at_step == step:  # test hook: a real kill, no cleanup
+      os.kill(os.getpid(), signal.SIGKILL)
+  ckpt.close()
+  return r.save_model(out / "model")
+
+
+def ensure_model(cache_dir, tc: TrainConfig | None = None, progress=True) -> Path:
+  """The model folder for `tc` (default preset) under `cache_dir`, trained when not cached.
+
+  The folder name carries a fingerprint of the config, so a changed preset retrains.
+  """
+  tc = tc or default()
+  out = Path(cache_dir) / f"digits-vlm-{fingerprint(tc)}"
+  model = out / "model"
+  if (model / checkpoint.META).is_file():
+    return model
+  return train(tc, out, progress=progress)
+
+
+# ---- command line --------------------------------------------------------------------------------
+
+_OVERRIDES = ("steps", "batch_size", "lr", "warmup", "seed", "ckpt_every", "train_images",
+              "turns_per_category",
+              "text_layers", "text_width", "vision_layers", "vision_width")
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--out", required=True, help="run folder (ckpt/, log.jsonl, model/)")
+  p.add_argument("--preset", choices=sorted(PRESETS), default="default")
+  p.add_argument("--llm", help="converted llama folder used as a frozen decoder (e.g. SmolLM2)")
+  for name in _OVERRIDES:
+    kind = float if name in ("lr",) else int
+    p.add_argument("--" + name.replace("_", "-"), type=kind, help=f"override the preset's {name}")
+  # Test hook: SIGKILL this process right after that step.
+  p.add_argument("--kill-at-step", type=int, help=argparse.SUPPRESS)
+
+
+def config_from_args(args) -> TrainConfig:
+  tc = PRESETS[args.preset]()
+  over = {k: getattr(args, k) for k in _OVERRIDES if getattr(args, k) is not None}
+  return dataclasses.replace(tc, **over)
+
+
+def run(args) -> int:
+  tc = config_from_args(args)
+  model = train(tc, args.out, args.llm, args.kill_at_step)
+  print(f"wrote {model}")
+  return 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(jaxmm.cli.module_main(__name__))
