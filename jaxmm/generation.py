@@ -59,8 +59,7 @@ def _decode_step(tc, lp, ranges, segs, caches, tok_B, step):
     slot = seg.state.valid.shape[1] + step - 1  # where the previous token's keys/values go
     valid = valid.at[:, slot].set(True)
     mask = llama.attention_mask(jnp.full((b, 1), slot), valid)
-    layers = jax.tree.map(lambda a: a[start:end], lp["layers"])
-    x, kv = llama.run_layers(tc, layers, x, pos[:, None], mask, kv, slot)
+    x, kv = llama.run_layers(tc, lp["layers"], x, pos[:, None], mask, kv, slot, start, end)
     out.append((kv, valid, pos + 1))
   return llama.lm_logits(tc, lp, x)[:, 0], out
 

@@ -48,22 +48,44 @@ def attention_mask(q_slot_BxT, kv_valid_BxS):
 
 
 def run_layers(cfg: LlamaConfig, layers_p, x_BxTxD, positions_BxT, mask_BxTxS, kv=None,
-               write_idx=0):
-  """Runs a stacked slice of decoder layers with `lax.scan`.
+               write_idx=0, start: int = 0, end: int | None = None, capture: tuple = ()):
+  """Runs decoder layers [start, end) of the stacked `layers_p` with `lax.scan`.
 
-  kv: None, or (k, v) f[L, B, S, G, K] caches of these layers; the new keys/values are written at
-  slot `write_idx`. Returns (x f[B, T, D], kv).
+  kv: None, or (k, v) f[end-start, B, S, G, K] caches of these layers; the new keys/values are
+  written at slot `write_idx`. Returns (x f[B, T, D], kv), or (x, kv, aux) with `capture`: aux
+  maps each captured name (see CausalSelfAttention) to its value in the last layer of the range.
+  The captures ride in the scan carry, overwritten each layer, so the range stays one scan.
+
+  A sub-range is scanned over layer indices, each step reading its layer with a dynamic index,
+  rather than over a slice `a[start:end]`: the slice would copy those layers' weights first.
   """
+  n = jax.tree.leaves(layers_p)[0].shape[0]
+  end = n if end is None else end
   sc = rope.sin_cos(positions_BxT, rope.inv_frequencies(cfg))
-  layer = DecoderLayer(cfg)
+  layer = DecoderLayer(cfg, capture=tuple(sorted(capture)))
 
-  def body(x, xs):
+  def body(carry, xs):
+    x, _ = carry
     p, c = xs
+    if not isinstance(p, dict):  # a layer index into the full stack
+      p = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, p, keepdims=False), layers_p)
     c = None if c is None else (c[0], c[1], write_idx)
-    y, c = layer.apply({"params": p}, x, sc, mask_BxTxS, c)
-    return y, (None if c is None else c[:2])
+    (y, c), inter = layer.apply({"params": p}, x, sc, mask_BxTxS, c, mutable=["intermediates"])
+    aux = {k: inter["intermediates"]["attn"][k][0] for k in capture}
+    return (y, aux), (None if c is None else c[:2])
 
-  return jax.lax.scan(body, x_BxTxD, (layers_p, kv))
+  xs = layers_p if (start, end) == (0, n) else jnp.arange(start, end)
+  aux0 = _capture_shapes(cfg, x_BxTxD, mask_BxTxS, capture)
+  (x, aux), kv = jax.lax.scan(body, (x_BxTxD, aux0), (xs, kv))
+  return (x, kv, aux) if capture else (x, kv)
+
+
+def _capture_shapes(cfg, x_BxTxD, mask_BxTxS, capture) -> dict:
+  """Zero initial values of the captures (the carry needs them before the first layer)."""
+  b, t, _ = x_BxTxD.shape
+  shapes = {"queries": ((b, t, cfg.num_heads, cfg.head_dim), x_BxTxD.dtype),
+            "attn_row": ((b, mask_BxTxS.shape[-1]), jnp.float32)}
+  return {k: jnp.zeros(*shapes[k]) for k in capture}
 
 
 def lm_logits(cfg: LlamaConfig, params, h_BxTxD):

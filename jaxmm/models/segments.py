@@ -10,7 +10,6 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from jaxmm.layers import rope
 from jaxmm.models import llama
 from jaxmm.pruning import schedule as schedule_lib
 from jaxmm.pruning import select
@@ -31,27 +30,13 @@ def layer_ranges(schedule, num_layers: int) -> list[tuple[int, int]]:
   return [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
 
 
-def _slice(layers_p, start, end):
-  return jax.tree.map(lambda a: a[start:end], layers_p)
-
-
 def _empty_kv(cfg, n_layers, b, s, dtype):
   shape = (n_layers, b, s, cfg.num_kv_heads, cfg.head_dim)
   return (jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
 
 
-def _captured_layer(cfg, layer_p, x, positions, mask, needs, kv):
-  """Runs one layer with capture on; returns (x, kv, aux dict)."""
-  sc = rope.sin_cos(positions, rope.inv_frequencies(cfg))
-  layer = llama.DecoderLayer(cfg, capture=tuple(sorted(needs)))
-  c = None if kv is None else (kv[0][0], kv[1][0], 0)
-  (y, c), inter = layer.apply({"params": layer_p}, x, sc, mask, c, mutable=["intermediates"])
-  aux = {name: inter["intermediates"]["attn"][name][0] for name in needs}
-  return y, (None if c is None else (c[0][None], c[1][None])), aux
-
-
 def run_range(cfg, layers_p, state, start, end, needs=frozenset(), max_new=None):
-  """Layers [start, end) on `state`; the last one captures `needs` when non-empty.
+  """Layers [start, end) on `state` as one scan; the last layer's `needs` are captured.
 
   Returns (Segment, aux): aux maps each need to its capture from layer end-1 (see attention)."""
   b, n = state.valid.shape
@@ -59,17 +44,10 @@ def run_range(cfg, layers_p, state, start, end, needs=frozenset(), max_new=None)
       [state.valid, jnp.zeros((b, max_new), bool)], axis=1)
   valid = state.valid if kv_valid is None else kv_valid
   mask = llama.attention_mask(jnp.broadcast_to(jnp.arange(n), (b, n)), valid)
-  split = end - 1 if needs else end
-  kv = None if max_new is None else _empty_kv(cfg, split - start, b, n + max_new, state.hidden.dtype)
-  x, kv = llama.run_layers(cfg, _slice(layers_p, start, split), state.hidden, state.positions, mask, kv)
-  aux = {}
-  if needs:
-    last_kv = None if max_new is None else _empty_kv(cfg, 1, b, n + max_new, x.dtype)
-    layer_p = jax.tree.map(lambda a: a[end - 1], layers_p)
-    x, last_kv, aux = _captured_layer(cfg, layer_p, x, state.positions, mask, needs, last_kv)
-    if kv is not None:
-      kv = tuple(jnp.concatenate([a, b_], axis=0) for a, b_ in zip(kv, last_kv))
-  return Segment(state.replace(hidden=x), kv, kv_valid), aux
+  kv = None if max_new is None else _empty_kv(cfg, end - start, b, n + max_new, state.hidden.dtype)
+  x, kv, *aux = llama.run_layers(cfg, layers_p, state.hidden, state.positions, mask, kv,
+                                 start=start, end=end, capture=tuple(sorted(needs)))
+  return Segment(state.replace(hidden=x), kv, kv_valid), (aux[0] if aux else {})
 
 
 def prefill(cfg, layers_p, state: TokenState, schedule, keys_B, max_new=None):
