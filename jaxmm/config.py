@@ -41,14 +41,18 @@ def require(family: str, key: str, value, allowed) -> None:
     raise ConfigError(f"{family} config: {key}={value!r} is not supported (supported: {allowed})")
 
 
-class _Serial:
-  """to_dict/from_dict for (nested) frozen dataclasses; tuples survive the JSON round trip."""
+class Serializable:
+  """to_dict/from_dict for (nested) frozen dataclasses; tuples survive the JSON round trip and
+  an unknown field is an error (a model folder written by another version, or edited by hand)."""
 
   def to_dict(self) -> dict:
     return dataclasses.asdict(self)
 
   @classmethod
   def from_dict(cls, d: dict):
+    unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+      raise ConfigError(f"{cls.__module__}.{cls.__name__}: unknown field(s) {unknown}")
     kw = {}
     for f in dataclasses.fields(cls):
       if f.name not in d:
@@ -60,7 +64,7 @@ class _Serial:
 
 
 @dataclasses.dataclass(frozen=True)
-class LlamaConfig(_Serial):
+class LlamaConfig(Serializable):
   """LLaMA-style decoder: RMSNorm, RoPE, SwiGLU, MHA/GQA."""
   vocab_size: int = 32000
   hidden_size: int = 4096
@@ -137,7 +141,7 @@ def _rope_fields(d: dict) -> dict:
 
 
 @dataclasses.dataclass(frozen=True)
-class ClipVisionConfig(_Serial):
+class ClipVisionConfig(Serializable):
   """CLIP ViT vision tower (pre-LN, class token, learned positions)."""
   hidden_size: int = 1024
   intermediate_size: int = 4096
@@ -169,7 +173,7 @@ class ClipVisionConfig(_Serial):
 
 
 @dataclasses.dataclass(frozen=True)
-class LlavaConfig(_Serial):
+class LlavaConfig(Serializable):
   """LLaVA-1.5: CLIP ViT -> 2-layer MLP projector -> LLaMA decoder."""
   vision: ClipVisionConfig = ClipVisionConfig()
   text: LlamaConfig = LlamaConfig()

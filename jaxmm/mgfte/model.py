@@ -10,6 +10,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from jaxmm import config as config_lib
 from jaxmm.errors import ConfigError
 from jaxmm.mgfte import crf as crf_lib
 from jaxmm.models import bert
@@ -18,7 +19,7 @@ NEG = jnp.finfo(jnp.float32).min
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
+class Config(config_lib.Serializable):
   """variant: "mgfte" | "baseline". pool_mode: "reference" (pool over the batch's longest
   query, padded rows included, §6.2) | "masked" (proper masking)."""
   variant: str = "mgfte"
@@ -31,16 +32,6 @@ class Config:
       raise ConfigError(f"mgfte variant must be mgfte or baseline, got {self.variant!r}")
     if self.pool_mode not in ("reference", "masked"):
       raise ConfigError(f"pool_mode must be reference or masked, got {self.pool_mode!r}")
-
-  def to_dict(self) -> dict:
-    return dataclasses.asdict(self)
-
-  @classmethod
-  def from_dict(cls, d: dict) -> "Config":
-    unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
-    if unknown:
-      raise ConfigError(f"mgfte config: unknown field(s) {unknown}")
-    return cls(**d)
 
 
 def _torch_dense(key, n_in: int, n_out: int) -> dict:

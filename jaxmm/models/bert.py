@@ -16,13 +16,14 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from jaxmm import config as config_lib
 from jaxmm.config import check_keys, require
 from jaxmm.errors import ConfigError, InputError
 from jaxmm.layers.mlp import ACTIVATIONS
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
+class Config(config_lib.Serializable):
   """BERT hyper-parameters (transformers' `BertConfig` with our field names)."""
   vocab_size: int = 30522
   hidden_size: int = 768
@@ -65,16 +66,6 @@ class Config:
                pad_token_id=d.get("pad_token_id") or 0,
                hidden_dropout=d.get("hidden_dropout_prob", 0.1),
                attention_dropout=d.get("attention_probs_dropout_prob", 0.1))
-
-  def to_dict(self) -> dict:
-    return dataclasses.asdict(self)
-
-  @classmethod
-  def from_dict(cls, d: dict) -> "Config":
-    unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
-    if unknown:
-      raise ConfigError(f"bert config: unknown field(s) {unknown}")
-    return cls(**d)
 
 
 @flax.struct.dataclass
