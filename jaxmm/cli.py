@@ -15,6 +15,8 @@ COMMANDS = {
     ("convert",): "converters.cli",
     ("generate",): "jaxmm.generate_cli",
     ("prune-bench",): "eval.prune_bench",
+    ("analyze", "ecl"): "eval.analyze_ecl",
+    ("analyze", "horizon"): "eval.analyze_horizon",
     ("export",): "converters.export",
     ("train", "vlm"): "train.vlm",
     ("eval", "vqa"): "eval.vqa",

@@ -48,13 +48,17 @@ def attention_mask(q_slot_BxT, kv_valid_BxS):
 
 
 def run_layers(cfg: LlamaConfig, layers_p, x_BxTxD, positions_BxT, mask_BxTxS, kv=None,
-               write_idx=0, start: int = 0, end: int | None = None, capture: tuple = ()):
+               write_idx=0, start: int = 0, end: int | None = None, capture: tuple = (),
+               stack: tuple = ()):
   """Runs decoder layers [start, end) of the stacked `layers_p` with `lax.scan`.
 
   kv: None, or (k, v) f[end-start, B, S, G, K] caches of these layers; the new keys/values are
   written at slot `write_idx`. Returns (x f[B, T, D], kv), or (x, kv, aux) with `capture`: aux
   maps each captured name (see CausalSelfAttention) to its value in the last layer of the range.
   The captures ride in the scan carry, overwritten each layer, so the range stays one scan.
+  `stack` names per-layer captures emitted as scan outputs and appended to the result as a dict
+  of f[end-start, ...] arrays: "queries" (see CausalSelfAttention) and "hidden" (each layer's
+  output f[B, T, D]). With stack=() the scan has no extra outputs.
 
   A sub-range is scanned over layer indices, each step reading its layer with a dynamic index,
   rather than over a slice `a[start:end]`: the slice would copy those layers' weights first.
@@ -62,7 +66,7 @@ def run_layers(cfg: LlamaConfig, layers_p, x_BxTxD, positions_BxT, mask_BxTxS, k
   n = jax.tree.leaves(layers_p)[0].shape[0]
   end = n if end is None else end
   sc = rope.sin_cos(positions_BxT, rope.inv_frequencies(cfg))
-  layer = DecoderLayer(cfg, capture=tuple(sorted(capture)))
+  layer = DecoderLayer(cfg, capture=tuple(sorted(set(capture) | (set(stack) - {"hidden"}))))
 
   def body(carry, xs):
     x, _ = carry
@@ -71,13 +75,15 @@ def run_layers(cfg: LlamaConfig, layers_p, x_BxTxD, positions_BxT, mask_BxTxS, k
       p = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, p, keepdims=False), layers_p)
     c = None if c is None else (c[0], c[1], write_idx)
     (y, c), inter = layer.apply({"params": p}, x, sc, mask_BxTxS, c, mutable=["intermediates"])
-    aux = {k: inter["intermediates"]["attn"][k][0] for k in capture}
-    return (y, aux), (None if c is None else c[:2])
+    sown = inter.get("intermediates", {}).get("attn", {})
+    aux = {k: sown[k][0] for k in capture}
+    ys = {k: (y if k == "hidden" else sown[k][0]) for k in stack}
+    return (y, aux), ((None if c is None else c[:2]), ys)
 
   xs = layers_p if (start, end) == (0, n) else jnp.arange(start, end)
   aux0 = _capture_shapes(cfg, x_BxTxD, mask_BxTxS, capture)
-  (x, aux), kv = jax.lax.scan(body, (x_BxTxD, aux0), (xs, kv))
-  return (x, kv, aux) if capture else (x, kv)
+  (x, aux), (kv, ys) = jax.lax.scan(body, (x_BxTxD, aux0), (xs, kv))
+  return (x, kv) + ((aux,) if capture else ()) + ((ys,) if stack else ())
 
 
 def _capture_shapes(cfg, x_BxTxD, mask_BxTxS, capture) -> dict:

@@ -61,8 +61,22 @@ def token_state(cfg: LlavaConfig, params, input_ids_BxT, pixel_values, mask_BxT,
                     origin=jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)))
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "schedule"))
-def _forward(cfg, params, input_ids, pixel_values, mask, positions, keys, schedule):
+def captured_forward(cfg: LlavaConfig, params, input_ids, pixel_values, mask, positions, capture):
+  """Unpruned forward that also returns `capture`'s per-layer stacks (see analysis.capture)."""
+  x = input_embeddings(cfg, params, input_ids, pixel_values)
+  slots = jnp.broadcast_to(jnp.arange(x.shape[1]), mask.shape)
+  h, _, ys = llama.run_layers(cfg.text, params["llm"]["layers"], x, positions,
+                              llama.attention_mask(slots, mask), stack=capture.names())
+  if "hidden" in ys:
+    ys["hidden"] = jnp.concatenate([x[None], ys["hidden"]], axis=0)
+  ys["visual"] = (input_ids == cfg.image_token_id) & mask
+  return CausalLMOutput(logits=llama.lm_logits(cfg.text, params["llm"], h), captured=ys)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "schedule", "capture"))
+def _forward(cfg, params, input_ids, pixel_values, mask, positions, keys, schedule, capture=None):
+  if capture is not None:
+    return captured_forward(cfg, params, input_ids, pixel_values, mask, positions, capture)
   if not schedule:
     x = input_embeddings(cfg, params, input_ids, pixel_values)
     return CausalLMOutput(logits=llama.decode_embeds(cfg.text, params["llm"], x, mask, positions))
@@ -106,7 +120,7 @@ def check_inputs(cfg: LlavaConfig, ids, pixel_values, schedule):
 
 
 def forward(cfg: LlavaConfig, params, *, input_ids, pixel_values=None, attention_mask=None,
-            position_ids=None, schedule=None, seed: int = 0, example_ids=None):
+            position_ids=None, schedule=None, seed: int = 0, example_ids=None, capture=None):
   """input_ids i32[B, T] with `cfg.num_image_tokens` placeholders per image; pixel_values
   f32[images, C, H, W]; attention_mask {0,1}[B, T].
 
@@ -114,8 +128,13 @@ def forward(cfg: LlavaConfig, params, *, input_ids, pixel_values=None, attention
   "entropy@2:98" or a parsed one; random pruning draws from fold_in(PRNGKey(seed), example id),
   `example_ids` defaulting to the row numbers) the logits cover the T' tokens
   left after the last stage, `origin` i32[B, T'] gives their index in the unpruned sequence and
-  `kept` holds, per stage, the original indices i32[B, k] of the kept visual tokens."""
+  `kept` holds, per stage, the original indices i32[B, k] of the kept visual tokens.
+  `capture`: an `analysis.capture.Capture` (unpruned only) fills `captured`; see that module."""
   ids, mask, pos = inputs_lib.text_inputs(input_ids, attention_mask, position_ids)
   px, sched = check_inputs(cfg, ids, pixel_values, schedule)
+  if capture is not None and sched:
+    raise InputError("capture runs the unpruned forward; it cannot be combined with a schedule")
   keys = inputs_lib.example_keys(seed, ids.shape[0], example_ids)
-  return _forward(cfg, params, ids, px, mask, pos, keys, sched)
+  if capture is None:  # the call (and its jit cache entry) is exactly the plain forward's
+    return _forward(cfg, params, ids, px, mask, pos, keys, sched)
+  return _forward(cfg, params, ids, px, mask, pos, keys, sched, capture)

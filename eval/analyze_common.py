@@ -1,0 +1,70 @@
+"""Shared by `jaxmm analyze ecl` and `jaxmm analyze horizon`: one question at a time, captured.
+
+Prompts go through the model's chat template and processor (as in `jaxmm eval vqa`) and are left
+padded to one length for the whole file, so the captured forward compiles once.
+"""
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from jaxmm import api
+from jaxmm.analysis.capture import Capture
+from jaxmm.data import vqa
+from jaxmm.errors import InputError
+
+
+def add_common_args(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--model", required=True, help="jaxmm LLaVA folder (converted or trained)")
+  p.add_argument("--questions", required=True, help="LLaVA-format question JSONL")
+  p.add_argument("--image-folder", required=True, help="folder the `image` fields are relative to")
+  p.add_argument("--out", required=True, help="folder for the JSON and PNG results")
+  p.add_argument("--limit", type=int, help="use only the first N questions")
+
+
+def load(args):
+  """(model, question rows, Prompter). Rejects non-LLaVA models."""
+  from eval.vqa import Prompter
+  m = api.load(args.model)
+  if not hasattr(m.config, "num_image_tokens"):
+    raise InputError(f"{args.model}: analyses need a LLaVA-family model, got {m.family}")
+  rows = vqa.read_questions(args.questions)[:args.limit]
+  if not rows:
+    raise InputError(f"{args.questions}: no questions")
+  return m, rows, Prompter(m)
+
+
+def captured(m, rows, pr, image_folder, capture: Capture, desc: str):
+  """Yields (row, ids i32[1, T], mask [1, T], out with `captured`, seconds) per readable question;
+  unreadable images are reported on stderr and skipped."""
+  from eval.vqa import _load_image
+  texts = [pr.text(r["text"]) for r in rows]
+  length = pr.max_length(texts)
+  for r, text in tqdm(list(zip(rows, texts)), desc=desc, unit="q"):
+    img, err = _load_image(Path(image_folder) / str(r["image"]))
+    if err:
+      print(f"question {r['question_id']}: {err}", file=sys.stderr)
+      continue
+    ids, mask, px = pr.batch([img], [text], length)
+    t0 = time.perf_counter()
+    out = api.forward(m, input_ids=ids, pixel_values=px, attention_mask=mask, capture=capture)
+    out.logits.block_until_ready()
+    yield r, ids, mask, out, time.perf_counter() - t0
+
+
+def timing(seconds: list) -> dict:
+  """Seconds per question, all and excluding the first (which compiles)."""
+  s = np.asarray(seconds, float)
+  return {"questions": int(len(s)), "seconds_per_question": float(s.mean()) if len(s) else 0.0,
+          "seconds_per_question_after_first": float(s[1:].mean()) if len(s) > 1 else None,
+          "first_question_s": float(s[0]) if len(s) else None}
+
+
+def pyplot():
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  return plt

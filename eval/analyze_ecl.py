@@ -1,0 +1,83 @@
+"""Entropy Collapse Layer: per-layer visual-token entropy curves over a calibration question set.
+
+  jaxmm analyze ecl --model M --questions Q.jsonl --image-folder DIR --out DIR [--limit N]
+
+Per question, one captured forward gives every layer's pre-RoPE queries and the hidden states
+entering each layer; `jaxmm.analysis.ecl` turns them into the mean token-wise matrix entropy S̄_l
+(pruning.md §2.1) and the global von Neumann entropy of the visual block (§2.2). The curves are
+averaged over questions and the ECL is K* = argmax_{1<=l<=L/2} (S̄_{l-1} - S̄_l).
+Writes OUT/ecl.json and OUT/ecl.png (both curves, the detected layer marked).
+"""
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+import jaxmm.cli
+from eval import analyze_common as common
+from jaxmm.analysis import ecl
+from jaxmm.analysis.capture import Capture
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+  common.add_common_args(p)
+
+
+def analyze(m, rows, pr, image_folder) -> dict:
+  """Curves averaged over the readable questions, the ECL layer and timings."""
+  n_l = m.config.text.num_layers
+  mean, glob, secs = [], [], []
+  for _, _, _, out, fwd_s in common.captured(m, rows, pr, image_folder,
+                                             Capture(hidden=True, queries=True), "analyze ecl"):
+    t0 = time.perf_counter()
+    cap = out.captured
+    s_mean, s_glob = ecl.curves(cap["hidden"][:n_l, 0], cap["queries"][:, 0], cap["visual"][0])
+    mean.append(np.asarray(s_mean))
+    glob.append(np.asarray(s_glob))
+    secs.append(fwd_s + time.perf_counter() - t0)
+  mean, glob = np.asarray(mean, np.float64), np.asarray(glob, np.float64)
+  curve = mean.mean(0)
+  return {"model": str(m.path), "num_layers": n_l, "layers": list(range(n_l)),
+          "mean_token_entropy": curve.tolist(), "mean_token_entropy_std": mean.std(0).tolist(),
+          "global_entropy": glob.mean(0).tolist(), "global_entropy_std": glob.std(0).tolist(),
+          "ecl_layer": ecl.ecl_layer(curve),
+          "drops": (curve[:-1] - curve[1:]).tolist(),
+          "rule": "argmax_{1<=l<=L/2} (S_{l-1} - S_l) of the mean token-wise entropy",
+          **common.timing(secs)}
+
+
+def plot(res: dict, path: Path) -> None:
+  plt = common.pyplot()
+  fig, ax = plt.subplots(figsize=(6, 3.6))
+  ax.plot(res["layers"], res["mean_token_entropy"], "o-", label="mean token-wise entropy S̄_l")
+  ax.plot(res["layers"], res["global_entropy"], "s-", label="global von Neumann entropy")
+  ax.axvline(res["ecl_layer"], color="red", ls="--", label=f"ECL = layer {res['ecl_layer']}")
+  ax.set_xlabel("decoder layer l")
+  ax.set_ylabel("entropy (normalised)")
+  ax.set_title(f"{Path(res['model']).name}: {res['questions']} questions")
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def run(args) -> int:
+  m, rows, pr = common.load(args)
+  res = analyze(m, rows, pr, args.image_folder)
+  out = Path(args.out)
+  out.mkdir(parents=True, exist_ok=True)
+  (out / "ecl.json").write_text(json.dumps(res, indent=1))
+  plot(res, out / "ecl.png")
+  print(f"{'layer':>5} {'S_mean':>8} {'S_glob':>8}")
+  for l, a, b in zip(res["layers"], res["mean_token_entropy"], res["global_entropy"]):
+    print(f"{l:>5} {a:>8.4f} {b:>8.4f}")
+  print(f"ECL layer: {res['ecl_layer']}; {res['questions']} questions, "
+        f"{res['seconds_per_question']:.3f} s/question "
+        f"({res['seconds_per_question_after_first'] or 0:.3f} after the first)")
+  return 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(jaxmm.cli.module_main(__name__))

@@ -1,0 +1,134 @@
+"""Information horizon: per layer and question category, how much a lone 2x2 window of visual
+tokens still changes the probability of the answer's first token (pruning.md §4.1).
+
+  jaxmm analyze horizon --model M --questions Q.jsonl --image-folder DIR --answer-key KEY
+                        --out DIR [--tau 0.05] [--limit N]
+
+Per question: one captured forward (hidden states entering every layer), then per probe layer
+l = 1..L-1 one jitted batch over all windows plus the empty set (`jaxmm.analysis.horizon`).
+y* is the first token of the key's answer, tokenized alone. Per layer and category: mean, std
+and max of I_l(w) and mean |I_l(w)|; the horizon is the first l with mean |I_l| <= tau * mean |I_1|.
+Writes OUT/horizon.json, OUT/horizon_heatmap.png (layer x category) and OUT/horizon_curves.png.
+"""
+import argparse
+import json
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+import jaxmm.cli
+from eval import analyze_common as common
+from jaxmm.analysis import horizon
+from jaxmm.analysis.capture import Capture
+from jaxmm.data import vqa
+from jaxmm.errors import InputError
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+  common.add_common_args(p)
+  p.add_argument("--answer-key", required=True, help="JSONL of {question_id, answer[, category]}")
+  p.add_argument("--tau", type=float, default=horizon.TAU, help="horizon threshold (default 0.05)")
+
+
+def first_token(tok, answer: str) -> int:
+  ids = tok(str(answer), add_special_tokens=False)["input_ids"]
+  if not ids:
+    raise InputError(f"answer {answer!r} tokenizes to nothing")
+  return int(ids[0])
+
+
+def _summary(info_list, layers, tau) -> dict:
+  """info_list: f[L', W] per question -> per-layer statistics and the horizon."""
+  a = np.stack(info_list).astype(np.float64)              # [Q, L', W]
+  mean_abs = np.abs(a).mean(axis=(0, 2))
+  return {"mean": a.mean(axis=(0, 2)).tolist(), "std": a.std(axis=(0, 2)).tolist(),
+          "max": a.max(axis=(0, 2)).tolist(), "mean_abs": mean_abs.tolist(),
+          "horizon": horizon.horizon_layer(layers, mean_abs, tau), "questions": len(info_list)}
+
+
+def analyze(m, rows, pr, image_folder, key: dict, tau: float) -> dict:
+  cfg = m.config
+  grid = int(round(cfg.num_image_tokens ** 0.5))
+  if grid * grid != cfg.num_image_tokens or grid < 2:
+    raise InputError(f"{cfg.num_image_tokens} visual tokens are not a square grid")
+  layers = list(range(1, cfg.text.num_layers))
+  missing = [r["question_id"] for r in rows if r["question_id"] not in key]
+  if missing:
+    raise InputError(f"answer key has no answer for question(s) {missing[:5]}")
+  by_cat, secs = defaultdict(list), []
+  for r, ids, mask, out, fwd_s in common.captured(m, rows, pr, image_folder, Capture(hidden=True),
+                                                  "analyze horizon"):
+    t0 = time.perf_counter()
+    target = first_token(pr.tok, key[r["question_id"]]["answer"])
+    info = horizon.information(cfg.text, m.params["llm"], out.captured["hidden"][:, 0],
+                               np.asarray(vqa_positions(mask))[0], mask[0].astype(bool),
+                               ids[0] == cfg.image_token_id, target, grid, layers)
+    secs.append(fwd_s + time.perf_counter() - t0)
+    cat = key[r["question_id"]].get("category") or r.get("category") or "all"
+    by_cat[cat].append(info)
+    if cat != "all":
+      by_cat["all"].append(info)
+  if not secs:
+    raise InputError("no readable question")
+  return {"model": str(m.path), "layers": layers, "tau": tau, "grid": grid,
+          "windows": int(horizon.windows(grid).shape[0]),
+          "categories": {c: _summary(v, layers, tau) for c, v in sorted(by_cat.items())},
+          **common.timing(secs)}
+
+
+def vqa_positions(mask):
+  """Position ids of a left-padded prompt, as `jaxmm.forward` derives them."""
+  from jaxmm import inputs
+  return inputs.positions_from_mask(np.asarray(mask).astype(bool))
+
+
+def plot(res: dict, out: Path) -> None:
+  plt = common.pyplot()
+  cats = list(res["categories"])
+  grid = np.array([res["categories"][c]["mean_abs"] for c in cats])   # [C, L']
+  fig, ax = plt.subplots(figsize=(max(5, 0.3 * len(res["layers"]) + 2), 1 + 0.5 * len(cats)))
+  im = ax.imshow(grid, aspect="auto", cmap="viridis",
+                 extent=(res["layers"][0] - 0.5, res["layers"][-1] + 0.5, len(cats) - 0.5, -0.5))
+  ax.set_yticks(range(len(cats)), cats)
+  ax.set_xlabel("probe layer l")
+  ax.set_title("mean |I_l(w)| (2x2 windows)")
+  fig.colorbar(im, ax=ax)
+  fig.tight_layout()
+  fig.savefig(out / "horizon_heatmap.png", dpi=120)
+  plt.close(fig)
+  fig, ax = plt.subplots(figsize=(6, 3.6))
+  for c in cats:
+    s = res["categories"][c]
+    line, = ax.plot(res["layers"], s["mean_abs"], "o-", ms=3, label=f"{c} (ℓ_H={s['horizon']})")
+    if s["horizon"] is not None:
+      ax.axvline(s["horizon"], color=line.get_color(), ls=":", lw=1)
+  ax.set_yscale("symlog", linthresh=1e-6)
+  ax.set_xlabel("probe layer l")
+  ax.set_ylabel("mean |I_l(w)|")
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(out / "horizon_curves.png", dpi=120)
+  plt.close(fig)
+
+
+def run(args) -> int:
+  m, rows, pr = common.load(args)
+  res = analyze(m, rows, pr, args.image_folder, vqa.read_answer_key(args.answer_key), args.tau)
+  out = Path(args.out)
+  out.mkdir(parents=True, exist_ok=True)
+  (out / "horizon.json").write_text(json.dumps(res, indent=1))
+  plot(res, out)
+  cats = list(res["categories"])
+  print(f"{'layer':>5} " + " ".join(f"{c[:10]:>10}" for c in cats) + "   (mean |I_l|)")
+  for i, l in enumerate(res["layers"]):
+    print(f"{l:>5} " + " ".join(f"{res['categories'][c]['mean_abs'][i]:>10.2e}" for c in cats))
+  print("horizon: " + ", ".join(f"{c}={res['categories'][c]['horizon']}" for c in cats))
+  print(f"{res['questions']} questions, {res['seconds_per_question']:.3f} s/question "
+        f"({res['seconds_per_question_after_first'] or 0:.3f} after the first)")
+  return 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(jaxmm.cli.module_main(__name__))
