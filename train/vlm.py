@@ -60,8 +60,13 @@ class TrainConfig:
   steps: int = 600
   batch_size: int = 32
   lr: float = 2e-3
+  vision_lr_mult: float = 1.0     # the vision tower, projector and auxiliary head train at lr * this
+  schedule: str = "cosine"        # after the linear warmup: "cosine" (to 2% of lr) or "constant"
+  b2: float = 0.98
   warmup: int = 50
   weight_decay: float = 0.01
+  pos_init: str = "random"        # ViT position embeddings: "random" (std 0.02) or "sincos" (2-D)
+  aux_weight: float = 0.0         # weight of the auxiliary per-cell digit loss (see `aux_logits`)
   seed: int = 0
   ckpt_every: int = 100
   log_every: int = 10
@@ -75,8 +80,15 @@ class TrainConfig:
 
 
 def default() -> TrainConfig:
-  """The embedded default (`make demo`): 48 px, patch 4 -> 144 visual tokens, 8-layer decoder."""
-  return TrainConfig()
+  """The embedded default (`make demo`): 48 px, patch 4 -> 144 visual tokens, 8-layer decoder.
+
+  What makes it use the image: the auxiliary per-cell digit loss, 2-D sin/cos position
+  embeddings in the ViT and a 3x learning rate on the image side. Without them the decoder
+  settles on the answer prior (cell questions at chance).
+  """
+  return TrainConfig(vision_width=64, vision_layers=2, text_width=64, text_layers=8,
+                     steps=1000, batch_size=16, lr=2e-3, vision_lr_mult=3.0, b2=0.95,
+                     pos_init="sincos", aux_weight=1.0)
 
 
 def tiny() -> TrainConfig:
@@ -119,13 +131,35 @@ def _stacked(module, key, n: int, *args):
   return jax.vmap(lambda k: module.init(k, *args)["params"])(jax.random.split(key, n))
 
 
-def init_vision(cfg: ClipVisionConfig, key) -> dict:
+def sincos_positions(side: int, d: int) -> np.ndarray:
+  """f32[1 + side*side, d]: 2-D sine/cosine embeddings of a patch grid (zeros for the CLS slot).
+
+  A quarter of the channels each for sin(row), cos(row), sin(col), cos(col), at frequencies
+  1 / 100^(i / (d/4)); every patch gets a distinct unit-scale code that the ViT can read from
+  the first step, which random 0.02-scale embeddings do not give it.
+  """
+  q = d // 4
+  om = 1.0 / 100.0 ** (np.arange(q) / q)
+  rows, cols = np.meshgrid(np.arange(side), np.arange(side), indexing="ij")
+  r, c = rows.reshape(-1, 1) * om, cols.reshape(-1, 1) * om
+  pe = np.concatenate([np.sin(r), np.cos(r), np.sin(c), np.cos(c)], axis=1)
+  pe = np.pad(pe, ((1, 0), (0, d - 4 * q)))
+  return pe.astype(np.float32)
+
+
+def init_vision(cfg: ClipVisionConfig, key, pos_init: str = "random") -> dict:
   k_patch, k_pos, k_layers = jax.random.split(key, 3)
   d, p, c = cfg.hidden_size, cfg.patch_size, cfg.num_channels
   x = jnp.zeros((1, cfg.num_patches + 1, d))
+  if pos_init == "sincos":
+    pos = jnp.asarray(sincos_positions(cfg.image_size // p, d))
+  elif pos_init == "random":
+    pos = jax.random.normal(k_pos, (cfg.num_patches + 1, d)) * 0.02
+  else:
+    raise JaxmmError(f"pos_init must be 'random' or 'sincos', got {pos_init!r}")
   return {"patch_embed": {"kernel": jax.random.normal(k_patch, (p, p, c, d)) * (p * p * c) ** -0.5},
           "class_embed": jnp.zeros((d,)),
-          "pos_embed": jax.random.normal(k_pos, (cfg.num_patches + 1, d)) * 0.02,
+          "pos_embed": pos,
           "pre_ln": {"scale": jnp.ones((d,)), "bias": jnp.zeros((d,))},
           "layers": _stacked(clip.EncoderLayer(cfg), k_layers, cfg.num_layers, x)}
 
@@ -144,12 +178,12 @@ def init_text(cfg: LlamaConfig, key) -> dict:
   return p
 
 
-def init_params(cfg: LlavaConfig, key, llm_params=None) -> dict:
+def init_params(cfg: LlavaConfig, key, llm_params=None, pos_init: str = "random") -> dict:
   """A freshly initialised LLaVA params tree (the decoder is `llm_params` when given)."""
   k_v, k_p, k_t = jax.random.split(key, 3)
   d_in, d = cfg.vision.hidden_size * len(cfg.feature_layers), cfg.text.hidden_size
   proj = Mlp(d, d, cfg.projector_hidden_act, cfg.multimodal_projector_bias)
-  return {"vision": init_vision(cfg.vision, k_v),
+  return {"vision": init_vision(cfg.vision, k_v, pos_init),
           "projector": proj.init(k_p, jnp.zeros((1, d_in)))["params"],
           "llm": llm_params if llm_params is not None else init_text(cfg.text, k_t)}
 
@@ -210,37 +244,82 @@ def encode_training_set(enc: Encoder, items, seed: int, pad_id: int):
 # ---- training ------------------------------------------------------------------------------------
 
 def optimizer(tc: TrainConfig, frozen_llm: bool) -> optax.GradientTransformation:
-  sched = optax.warmup_cosine_decay_schedule(0.0, tc.lr, tc.warmup, max(tc.steps, tc.warmup + 1),
-                                             tc.lr * 0.02)
-  tx = optax.chain(optax.clip_by_global_norm(1.0),
-                   optax.adamw(sched, b1=0.9, b2=0.98, weight_decay=tc.weight_decay))
-  if not frozen_llm:
-    return tx
-  labels = lambda p: {k: ("frozen" if k == "llm" else "train") for k in p}
-  return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+  """AdamW with clipping over {"params": LLaVA params, "aux": auxiliary head}.
+
+  The decoder trains at `lr` (or not at all when frozen); the vision tower, projector and
+  auxiliary head at `lr * vision_lr_mult`, so the image side is not left behind while the decoder
+  fits the answer prior.
+  """
+  def adamw(lr):
+    total = max(tc.steps, tc.warmup + 1)
+    if tc.schedule == "cosine":
+      sched = optax.warmup_cosine_decay_schedule(0.0, lr, tc.warmup, total, lr * 0.02)
+    elif tc.schedule == "constant":
+      sched = optax.join_schedules([optax.linear_schedule(0.0, lr, max(tc.warmup, 1)),
+                                    optax.constant_schedule(lr)], [max(tc.warmup, 1)])
+    else:
+      raise JaxmmError(f"schedule must be 'cosine' or 'constant', got {tc.schedule!r}")
+    return optax.chain(optax.clip_by_global_norm(1.0),
+                       optax.adamw(sched, b1=0.9, b2=tc.b2, weight_decay=tc.weight_decay))
+  transforms = {"llm": optax.set_to_zero() if frozen_llm else adamw(tc.lr),
+                "vision": adamw(tc.lr * tc.vision_lr_mult)}
+  labels = lambda t: {"params": {k: ("llm" if k == "llm" else "vision") for k in t["params"]},
+                      "aux": "vision"}
+  return optax.multi_transform(transforms, labels)
 
 
-def loss_fn(cfg: LlavaConfig, params, ids_BxT, target_BxT, pixels, frozen_llm: bool):
-  """Mean next-token cross-entropy over target tokens; also returns their accuracy."""
+def init_aux_head(cfg: LlavaConfig, key) -> dict:
+  """The auxiliary head's own weights: a bias over the 10 digits (the rest is the LM head)."""
+  del cfg, key
+  return {"bias": jnp.zeros((10,))}
+
+
+def aux_logits(cfg: LlavaConfig, tc: TrainConfig, llm, head: dict, digit_ids, feats_BxVxD):
+  """f[B, G*G, 10]: the digit of every grid cell, read from its mean-pooled visual tokens.
+
+  The patches of a cell form a square block (cells align with patches). The read-out is the
+  decoder's own final norm and LM head, restricted to the digit tokens: the loss pulls each
+  cell's projected features towards the output direction of its digit, so the image side
+  encodes "which digit is where" from the first steps, in the decoder's own vocabulary, and the
+  decoder only has to learn where to look and copy. No weights are added to the model.
+  """
+  g, side = tc.data.grid, tc.data.image_size // tc.patch_size
+  s = side // g
+  b, _, d = feats_BxVxD.shape
+  cells = feats_BxVxD.reshape(b, g, s, g, s, d).mean((2, 4)).reshape(b, g * g, d)
+  return llama.lm_logits(cfg.text, llm, cells)[..., jnp.asarray(digit_ids)] + head["bias"]
+
+
+def loss_fn(cfg: LlavaConfig, tc: TrainConfig, digit_ids, train, ids_BxT, target_BxT, pixels,
+            cells_BxC, frozen_llm: bool):
+  """Answer cross-entropy (+ aux_weight * per-cell digit cross-entropy); (loss, (acc, aux))."""
+  params = train["params"]
   if frozen_llm:  # no weight gradients for the LLM; activations still carry them to the vision
     params = {**params, "llm": jax.lax.stop_gradient(params["llm"])}
   valid = ids_BxT != cfg.text.pad_token_id
-  x = llava.input_embeddings(cfg, params, ids_BxT, pixels)
+  feats = llava.image_features(cfg, params, pixels)
+  x = llava.merge_image_features(cfg, llama.embed(cfg.text, params["llm"], ids_BxT), ids_BxT,
+                                 feats)
   logits = llama.decode_embeds(cfg.text, params["llm"], x, valid, inputs.positions_from_mask(valid))
   logits, labels, w = logits[:, :-1], ids_BxT[:, 1:], target_BxT[:, 1:].astype(jnp.float32)
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
   n = jnp.maximum(w.sum(), 1.0)
   acc = ((jnp.argmax(logits, -1) == labels) * w).sum() / n
-  return (ce * w).sum() / n, acc
+  aux = optax.softmax_cross_entropy_with_integer_labels(
+      aux_logits(cfg, tc, params["llm"], train["aux"], digit_ids, feats), cells_BxC).mean()
+  return (ce * w).sum() / n + tc.aux_weight * aux, (acc, aux)
 
 
-def make_train_step(cfg: LlavaConfig, tx, frozen_llm: bool = False):
+def make_train_step(cfg: LlavaConfig, tc: TrainConfig, digit_ids, tx, frozen_llm: bool = False):
   @jax.jit
-  def step(state, ids, target, pixels):
-    grad_fn = jax.value_and_grad(loss_fn, argnums=1, has_aux=True)
-    (loss, acc), g = grad_fn(cfg, state["params"], ids, target, pixels, frozen_llm)
-    updates, opt = tx.update(g, state["opt_state"], state["params"])
-    return {"params": optax.apply_updates(state["params"], updates), "opt_state": opt}, loss, acc
+  def step(state, ids, target, pixels, cells):
+    train = {"params": state["params"], "aux": state["aux"]}
+    grad_fn = jax.value_and_grad(loss_fn, argnums=3, has_aux=True)
+    (loss, (acc, aux)), g = grad_fn(cfg, tc, digit_ids, train, ids, target, pixels, cells,
+                                    frozen_llm)
+    updates, opt = tx.update(g, state["opt_state"], train)
+    new = optax.apply_updates(train, updates)
+    return {**new, "opt_state": opt}, loss, acc, aux
   return step
 
 
@@ -277,21 +356,29 @@ class Run:
     self.tok, llm = _tokenizer_and_llm(tc, llm_dir)
     self.frozen_llm = llm is not None
     self.cfg = model_config(tc, self.tok, llm.config if llm else None)
-    images, items = digits_vqa.training_set(tc.data, tc.train_images, tc.seed,
-                                            tc.turns_per_category)
+    images, items, cells = digits_vqa.training_set(tc.data, tc.train_images, tc.seed,
+                                                   tc.turns_per_category, with_labels=True)
     self.pixels = pixel_values(images)
+    self.cells = cells.reshape(len(cells), -1)
+    if (tc.data.image_size // tc.patch_size) % tc.data.grid:
+      raise JaxmmError(f"grid cells must align with patches: {tc.data.image_size // tc.patch_size}"
+                       f" patches per side, grid {tc.data.grid}")
     enc = Encoder(self.tok, self.cfg.num_image_tokens, self.cfg.image_token_id)
     self.ids, self.target = encode_training_set(enc, items, tc.seed, self.tok.pad_token_id)
-    params = init_params(self.cfg, jax.random.key(tc.seed), llm.params if llm else None)
+    key, k_aux = jax.random.split(jax.random.key(tc.seed))
+    params = init_params(self.cfg, key, llm.params if llm else None, tc.pos_init)
+    train = {"params": params, "aux": init_aux_head(self.cfg, k_aux)}
     tx = optimizer(tc, self.frozen_llm)
-    self.state = {"params": params, "opt_state": tx.init(params)}
-    self.train_step = make_train_step(self.cfg, tx, self.frozen_llm)
+    self.state = {**train, "opt_state": tx.init(train)}
+    self.digit_ids = tuple(self.tok.convert_tokens_to_ids([str(d) for d in range(10)]))
+    self.train_step = make_train_step(self.cfg, tc, self.digit_ids, tx, self.frozen_llm)
 
   def step(self, step: int) -> dict:
     rows = batch_rows(self.tc, step, len(self.ids))
-    self.state, loss, acc = self.train_step(self.state, self.ids[rows], self.target[rows],
-                                            self.pixels[rows])
-    return {"step": step, "loss": float(loss), "answer_token_acc": float(acc)}
+    self.state, loss, acc, aux = self.train_step(self.state, self.ids[rows], self.target[rows],
+                                                 self.pixels[rows], self.cells[rows])
+    return {"step": step, "loss": float(loss), "answer_token_acc": float(acc),
+            "aux_loss": float(aux)}
 
   def save_model(self, out: Path) -> Path:
     """The converted-format folder, with the tokenizer and processor files beside the params."""

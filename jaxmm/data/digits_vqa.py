@@ -115,31 +115,36 @@ def ask(category: str, grid_labels_GxG: np.ndarray, rng, want_yes: bool = True) 
 
 
 def make_split(cfg: DigitsVQAConfig, split: str, n_images: int, seed: int,
-               per_category: int = 1):
+               per_category: int = 1, with_labels: bool = False):
   """(images uint8[N, H, W], items) with items a list per image of (category, question, answer).
 
   Each image gets `per_category` questions of every category; presence answers alternate
-  yes/no over the split (balanced, as in POPE).
+  yes/no over the split (balanced, as in POPE). `with_labels` adds a third element, the digit
+  of every cell, int[N, G, G] (training uses it for an auxiliary loss).
   """
   _, labels = _scans()
   pools = _pools(cfg, split)
   rng = np.random.default_rng([seed, 0 if split == "train" else 1])
-  images, items, k = [], [], 0
+  images, items, grids, k = [], [], [], 0
   for _ in range(n_images):
     ids = sample_grid(cfg, pools, rng)
     images.append(render(cfg, ids))
+    grids.append(labels[ids])
     qa = []
     for cat in CATEGORIES:
       for _ in range(per_category):
         qa.append((cat, *ask(cat, labels[ids], rng, want_yes=k % 2 == 0)))
         k += cat == "presence"
     items.append(qa)
+  if with_labels:
+    return np.stack(images), items, np.stack(grids)
   return np.stack(images), items
 
 
-def training_set(cfg: DigitsVQAConfig, n_images: int, seed: int, per_category: int = 2):
+def training_set(cfg: DigitsVQAConfig, n_images: int, seed: int, per_category: int = 2,
+                 with_labels: bool = False):
   """The in-memory training split (see `make_split`)."""
-  return make_split(cfg, "train", n_images, seed, per_category)
+  return make_split(cfg, "train", n_images, seed, per_category, with_labels)
 
 
 def write_split(cfg: DigitsVQAConfig, out, split: str = "test", n_images: int = 100,

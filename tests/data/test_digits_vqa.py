@@ -60,6 +60,21 @@ def test_answers_are_right_for_every_category():
       assert a == _answer(q, grid), (cat, q, a, grid)
 
 
+def test_cell_labels_are_the_grid_the_questions_are_about():
+  images, items, cells = dv.make_split(CFG, "train", 8, seed=2, per_category=3, with_labels=True)
+  again, items2 = dv.make_split(CFG, "train", 8, seed=2, per_category=3)
+  np.testing.assert_array_equal(images, again)  # the labels do not change the draw
+  assert items == items2 and cells.shape == (8, CFG.grid, CFG.grid)
+  for grid, qa in zip(cells, items):
+    for cat, q, a in qa:
+      if cat == "cell":
+        r, c = map(int, re.findall(r"\d+", q))
+        assert str(grid[r - 1, c - 1]) == a
+      elif cat == "count":
+        d = int(re.findall(r"\d+", q)[0])
+        assert str(int((grid == d).sum())) == a
+
+
 def test_presence_is_balanced_and_counts_vary():
   _, items = dv.make_split(CFG, "test", 100, seed=0)
   pres = [a for qa in items for c, _, a in qa if c == "presence"]

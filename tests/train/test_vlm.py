@@ -57,6 +57,33 @@ def test_default_preset_meets_the_issue_shape():
   assert cfg.num_image_tokens >= 144 and cfg.text.num_layers >= 8
 
 
+def test_aux_head_reads_each_cells_own_patch_block_through_the_lm_head():
+  tc = vlm.default()
+  side, g = tc.data.image_size // tc.patch_size, tc.data.grid
+  s = side // g
+  r, c = np.meshgrid(np.arange(side), np.arange(side), indexing="ij")
+  cell_of_patch = ((r // s) * g + c // s).reshape(-1)                 # row-major patches
+  tok = vlm.word_tokenizer(digits_vqa.words(tc.data))
+  cfg = vlm.model_config(tc, tok)
+  digit_ids = tok.convert_tokens_to_ids([str(d) for d in range(10)])
+  d = cfg.text.hidden_size
+  kernel = np.zeros((d, cfg.text.vocab_size), np.float32)
+  kernel[np.arange(10), digit_ids] = 1.0                              # channel k -> digit k
+  llm = {"norm": {"scale": np.ones(d, np.float32)}, "lm_head": {"kernel": kernel}}
+  feats = np.eye(d, dtype=np.float32)[cell_of_patch][None]            # one-hot of the cell
+  logits = np.asarray(vlm.aux_logits(cfg, tc, llm, {"bias": np.zeros(10)}, digit_ids, feats))
+  assert logits.shape == (1, g * g, 10)
+  np.testing.assert_array_equal(logits[0].argmax(-1), np.arange(g * g))
+
+
+def test_sincos_positions_are_distinct_unit_scale_codes():
+  pe = vlm.sincos_positions(12, 64)
+  assert pe.shape == (145, 64) and not pe[0].any()
+  d = np.linalg.norm(pe[1:, None] - pe[None, 1:], axis=-1)
+  assert d[~np.eye(144, dtype=bool)].min() > 0.1
+  np.testing.assert_allclose(np.linalg.norm(pe[1:], axis=-1), np.sqrt(32), rtol=1e-5)
+
+
 def test_a_run_with_another_config_is_refused(tmp_path):
   vlm._check_same_config(tmp_path, TINY, None)
   with pytest.raises(JaxmmError, match="another configuration"):
