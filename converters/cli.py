@@ -84,6 +84,19 @@ def planner(hf_config: dict, src: Path):
   return getattr(importlib.import_module(module), fn)
 
 
+def convert_model(model, dtype: str = "float32"):
+  """(jaxmm config, params) of an in-memory transformers model, through its family's name table.
+
+  The same planner and rules as `convert_folder`, reading the tensors from `model.state_dict()`.
+  """
+  sd = model.state_dict()
+  hf_config = model.config.to_dict()
+  plan = planner(hf_config, Path(f"<{type(model).__name__}>"))(hf_config, list(sd))
+  params = common.convert(common.TensorSource.from_state_dict(sd), plan.rules,
+                          dtype=DTYPES[dtype], ignore=plan.ignore)
+  return plan.config, params
+
+
 def convert_folder(src, out, dtype: str = "float32", overwrite: bool = False) -> Path:
   """Converts the Hugging Face folder `src` into the jaxmm folder `out`; returns `out`."""
   src = Path(src)

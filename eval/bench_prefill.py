@@ -35,15 +35,12 @@ def hf_config(cfg):
 
 def build(seed=0):
   """(torch model, jaxmm config, jaxmm params) with the same random weights."""
-  from converters import common, llava as llava_conv
+  from converters.cli import convert_model
   from jaxmm import config as config_lib
   from transformers import LlavaForConditionalGeneration
   torch.manual_seed(seed)
   model = LlavaForConditionalGeneration(hf_config(config_lib.llava_bench())).eval()
-  sd = model.state_dict()
-  plan = llava_conv.plan_llava(model.config.to_dict(), list(sd))
-  return model, plan.config, common.convert(common.TensorSource.from_state_dict(sd), plan.rules,
-                                            ignore=plan.ignore)
+  return (model, *convert_model(model))
 
 
 def prompt(cfg, n_text, seed=0):

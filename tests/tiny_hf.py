@@ -3,8 +3,7 @@ import numpy as np
 import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-from converters import common
-from converters import llava as llava_conv
+from converters.cli import convert_model
 
 IMAGE_TOKEN = 100
 
@@ -27,11 +26,7 @@ def tiny_llava(seed=0, **kw):
 
 
 def to_jaxmm(model):
-  sd = model.state_dict()
-  conv = llava_conv.plan_llava if model.config.model_type == "llava" else llava_conv.plan_llama
-  plan = conv(model.config.to_dict(), list(sd))
-  params = common.convert(common.TensorSource.from_state_dict(sd), plan.rules, ignore=plan.ignore)
-  return plan.config, params
+  return convert_model(model)
 
 
 def llava_batch(cfg, seed=0, pad=(0, 2), prefix=3, suffix=5):
