@@ -183,23 +183,43 @@ def sched_text(sched) -> str:
   return ",".join(f"{s.method}@{s.layer}:{s.keep}" for s in sched) or "unpruned"
 
 
-def measure(m, ids, mask, px, scheds, args) -> dict:
-  cfg, tc, lp = m.config, m.config.text, m.params["llm"]
-  ids, mask, px = jnp.asarray(ids), jnp.asarray(mask).astype(bool), jnp.asarray(px)
+def prefill_inputs(m, ids_BxT, mask_BxT, px, seed: int = 0):
+  """(TokenState entering the decoder, per-example random keys) for one left-padded batch.
+
+  ids i32[B, T] with the image placeholders, mask {0,1}[B, T], px f32[B, C, H, W].
+  """
+  ids, mask = jnp.asarray(ids_BxT), jnp.asarray(mask_BxT).astype(bool)
   pos = inputs_lib.positions_from_mask(mask)
-  state = llava.token_state(cfg, m.params, ids, px, mask, pos)
-  n_vis = cfg.num_image_tokens
-  key = inputs_lib.example_keys(args.seed, ids.shape[0])
-  all_scheds = [()] + scheds
-  fns = [functools.partial(decoder_prefill, tc, lp, state, key, s) for s in all_scheds]
+  state = llava.token_state(m.config, m.params, ids, jnp.asarray(px), mask, pos)
+  return state, inputs_lib.example_keys(seed, ids.shape[0])
+
+
+def prefill_times(m, state, key, scheds, runs: int) -> list[list[float]]:
+  """Per schedule, `runs` wall times (s) of `decoder_prefill` on the same batch.
+
+  Every schedule is compiled first; then the runs of all schedules are interleaved, so that
+  drift (other load, clock changes) hits all of them alike. `()` is the unpruned prefill.
+  """
+  tc, lp = m.config.text, m.params["llm"]
+  fns = [functools.partial(decoder_prefill, tc, lp, state, key, s) for s in scheds]
   times = [[] for _ in fns]
   for f in fns:
     jax.block_until_ready(f())   # compile
-  for _ in range(args.runs):     # interleaved
+  for _ in range(runs):
     for i, f in enumerate(fns):
       t0 = time.perf_counter()
       jax.block_until_ready(f())
       times[i].append(time.perf_counter() - t0)
+  return times
+
+
+def measure(m, ids, mask, px, scheds, args) -> dict:
+  cfg, tc, lp = m.config, m.config.text, m.params["llm"]
+  ids, mask, px = jnp.asarray(ids), jnp.asarray(mask).astype(bool), jnp.asarray(px)
+  state, key = prefill_inputs(m, ids, mask, px, args.seed)
+  n_vis = cfg.num_image_tokens
+  all_scheds = [()] + scheds
+  times = prefill_times(m, state, key, all_scheds, args.runs)
   base_logits = np.asarray(api.forward(m, input_ids=ids, pixel_values=px, attention_mask=mask).logits[:, -1])
   dims = flops.Dims.from_config(cfg)
   n_text = ids.shape[1] - n_vis

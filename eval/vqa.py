@@ -91,8 +91,9 @@ def _pad_rows(xs, n: int):
 
 
 def answer_all(model, rows, image_folder, schedule=None, batch_size=16, max_new_tokens=8,
-               progress=True):
-  """Generates answers. Returns (answer lines, errors [{question_id, error}], timing dict)."""
+               progress=True, seed=0):
+  """Generates answers. Returns (answer lines, errors [{question_id, error}], timing dict).
+  `seed` drives random pruning (`jaxmm.generation.generate`; example ids are the batch rows)."""
   pr = Prompter(model)
   texts = {r["question_id"]: pr.text(r["text"]) for r in rows}
   length = pr.max_length(list(texts.values())) if rows else 0
@@ -116,7 +117,7 @@ def answer_all(model, rows, image_folder, schedule=None, batch_size=16, max_new_
                              _pad_rows([texts[r["question_id"]] for r in chunk], batch_size), length)
     t0 = time.perf_counter()
     new = api.generate(model, input_ids=ids, attention_mask=mask, pixel_values=px,
-                       max_new_tokens=max_new_tokens, **kw)
+                       max_new_tokens=max_new_tokens, seed=seed, **kw)
     times.append(time.perf_counter() - t0)
     for r, out in zip(chunk, pr.tok.batch_decode(new[:len(chunk)], skip_special_tokens=True)):
       lines.append({"question_id": r["question_id"], "prompt": r["text"], "text": out.strip(),
@@ -146,9 +147,10 @@ def score(lines, rows, key: dict) -> dict:
 
 
 def evaluate(model, questions, image_folder, answer_key=None, schedule=None, batch_size=16,
-             answers_file=None, max_new_tokens=8, progress=True) -> dict:
+             answers_file=None, max_new_tokens=8, progress=True, seed=0) -> dict:
   """Answers (and scores) a question file. `model` is a folder or a loaded `jaxmm.Model`;
-  `schedule` a text form or parsed schedule. Returns accuracy (when keyed), errors and timing."""
+  `schedule` a text form or parsed schedule; `seed` drives random pruning. Returns accuracy
+  (when keyed), errors and timing."""
   m = model if isinstance(model, api.Model) else api.load(model)
   if m.family != "llava":
     raise InputError(f"eval vqa needs a LLaVA model, {m.path} is {m.family!r}")
@@ -159,7 +161,7 @@ def evaluate(model, questions, image_folder, answer_key=None, schedule=None, bat
   sched = parse_schedule(schedule) if isinstance(schedule, str) else schedule
   t0 = time.perf_counter()
   lines, errors, timing = answer_all(m, rows, image_folder, sched, batch_size, max_new_tokens,
-                                     progress)
+                                     progress, seed)
   timing["total_s"] = time.perf_counter() - t0
   if answers_file:
     vqa.write_jsonl(answers_file, lines)

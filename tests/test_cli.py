@@ -5,15 +5,16 @@ import sys
 import pytest
 
 from converters.cli import convert_folder
-from jaxmm import cli, demo
+from jaxmm import cli
+from tiny_hf import WORDS, build_hf_folder, digit_png
 
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
   root = tmp_path_factory.mktemp("cli")
-  demo.build_hf_folder(root / "hf")
+  build_hf_folder(root / "hf")
   convert_folder(root / "hf", root / "jaxmm")
-  demo.digit_png(root / "digit.png")
+  digit_png(root / "digit.png")
   return root
 
 
@@ -23,7 +24,7 @@ def test_generate_prints_an_answer(tiny_model, capsys):
                  "--max-new-tokens", "4"])
   out = capsys.readouterr().out.strip().split()
   assert rc == 0
-  assert 1 <= len(out) <= 4 and all(w in demo.WORDS for w in out)
+  assert 1 <= len(out) <= 4 and all(w in WORDS for w in out)
 
 
 @pytest.mark.parametrize("args,needle", [

@@ -47,3 +47,31 @@ def llava_batch(cfg, seed=0, pad=(0, 2), prefix=3, suffix=5):
 def hf_positions(mask):
   """Position ids transformers' generate uses for left-padded prompts."""
   return np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+
+
+WORDS = ("what", "digit", "is", "this", "?", *[str(d) for d in range(10)], "yes", "no")
+
+
+def build_hf_folder(folder) -> None:
+  """A tiny random LLaVA (CLIP 56px/patch 7 -> 64 visual tokens) saved with its processor."""
+  from jaxmm.data.tokenizer import llava_processor, word_tokenizer
+  tok = word_tokenizer(WORDS)
+  vc = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, image_size=56, patch_size=7)
+  tc = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, vocab_size=len(tok), bos_token_id=tok.bos_token_id,
+                   eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+  torch.manual_seed(0)
+  cfg = LlavaConfig(vision_config=vc, text_config=tc, image_token_index=tok.image_token_id)
+  LlavaForConditionalGeneration(cfg).save_pretrained(folder)
+  llava_processor(tok, 56, 7).save_pretrained(folder)
+
+
+def digit_png(path) -> int:
+  """Writes the first UCI digit, upscaled to 56x56 RGB, as a PNG; returns its label."""
+  from PIL import Image
+  from sklearn.datasets import load_digits
+  d = load_digits()
+  img = (d.images[0] * (255 / 16)).astype(np.uint8)
+  Image.fromarray(img).resize((56, 56), Image.NEAREST).convert("RGB").save(path)
+  return int(d.target[0])

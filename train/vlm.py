@@ -36,6 +36,7 @@ from jaxmm.data.tokenizer import llava_processor, word_tokenizer
 from jaxmm.errors import JaxmmError
 from jaxmm.layers import rope
 from jaxmm.layers.mlp import Mlp
+from jaxmm.layers.norms import RMSNorm
 from jaxmm.models import clip, llama, llava
 
 # CLIP normalisation, as the saved CLIPImageProcessor applies it (pixels / 255, then these).
@@ -67,6 +68,15 @@ class TrainConfig:
   weight_decay: float = 0.01
   pos_init: str = "random"        # ViT position embeddings: "random" (std 0.02) or "sincos" (2-D)
   aux_weight: float = 0.0         # weight of the auxiliary per-cell digit loss (see `aux_logits`)
+  tie_embeddings: bool = False    # the LM head is the transposed token embedding (as in SmolLM2)
+  probe_weight: float = 0.0       # weight of the question-key probe loss (see `probe_loss`)
+  probe_layer: int = 2            # the probe reads the hidden state after this many layers
+  ground_weight: float = 0.0      # weight of the attention grounding loss (see `grounding_loss`)
+  aux_pool: str = "cell"          # the digit loss reads each cell's mean token, every "token",
+                                  # or only the tokens with "ink" (see `aux_logits`)
+  ground_layer: int = 2           # the decoder layer (0-based) whose first head is grounded
+  cell_weight: float = 0.0         # weight of the visual tokens' cell probe (see `cell_loss`)
+  rope_theta: float = 10000.0     # decoder RoPE base; a large one leaves more slow, content dims
   seed: int = 0
   ckpt_every: int = 100
   log_every: int = 10
@@ -80,15 +90,23 @@ class TrainConfig:
 
 
 def default() -> TrainConfig:
-  """The embedded default (`make demo`): 48 px, patch 4 -> 144 visual tokens, 8-layer decoder.
+  """The embedded default (`make demo`): 96 px grids of 3x3 cells, each cell 4x4 tiles of 8 px
+  with the digit in one random tile; patch 8 -> 144 visual tokens, 9 of them with ink; 8-layer
+  decoder of width 64.
 
-  What makes it use the image: the auxiliary per-cell digit loss, 2-D sin/cos position
-  embeddings in the ViT and a 3x learning rate on the image side. Without them the decoder
-  settles on the answer prior (cell questions at chance).
+  From scratch, the decoder settles on the answer prior: the answer depends on question and image
+  only jointly, so neither half of the lookup gets a first-order gradient alone. What gets it
+  past that, each a training-only loss (nothing is added to the saved model): the per-patch
+  digit loss through the tied LM head (`aux_logits`), the question probe (`probe_loss`), the
+  visual tokens' cell probe (`cell_loss`) and attention grounding of a lookup and a counting
+  head (`grounding_loss`). Also: 2-D sin/cos ViT positions, a 3x learning rate on the image
+  side and RoPE base 1e6 (more slowly rotating dimensions for content lookup).
   """
-  return TrainConfig(vision_width=64, vision_layers=2, text_width=64, text_layers=8,
-                     steps=1000, batch_size=16, lr=2e-3, vision_lr_mult=3.0, b2=0.95,
-                     pos_init="sincos", aux_weight=1.0)
+  return TrainConfig(data=digits_vqa.DigitsVQAConfig(grid=3, cell_px=32, tiles=4), patch_size=8,
+                     vision_width=64, vision_layers=2, text_width=64, text_layers=8,
+                     steps=2000, batch_size=8, lr=3e-3, vision_lr_mult=3.0, b2=0.95,
+                     pos_init="sincos", aux_weight=1.0, aux_pool="ink", tie_embeddings=True,
+                     probe_weight=1.0, ground_weight=1.0, cell_weight=1.0, rope_theta=1e6)
 
 
 def tiny() -> TrainConfig:
@@ -120,7 +138,8 @@ def model_config(tc: TrainConfig, tok, text: LlamaConfig | None = None) -> Llava
                        num_layers=tc.text_layers, num_heads=h, num_kv_heads=tc.text_kv_heads,
                        head_dim=w // h, rms_norm_eps=1e-5, max_position_embeddings=512,
                        bos_token_id=tok.bos_token_id, eos_token_ids=(tok.eos_token_id,),
-                       pad_token_id=tok.pad_token_id)
+                       pad_token_id=tok.pad_token_id, tie_word_embeddings=tc.tie_embeddings,
+                       rope_theta=tc.rope_theta)
   # The last ViT layer feeds the projector: trained from scratch, no layer is "too specific".
   return LlavaConfig(vision=vision, text=text, image_token_id=tok.convert_tokens_to_ids("<image>"),
                      vision_feature_layer=-1)
@@ -216,29 +235,44 @@ class Encoder:
     head = self._ids("USER:") + self.image if first else self._ids("USER:")
     return head + self._ids(question) + self._ids("ASSISTANT:")
 
-  def conversation(self, turns) -> tuple[list, list]:
-    """(ids, is_target) for [(question, answer), ...]: targets are answer tokens and EOS."""
-    ids, target = [], []
+  def conversation(self, turns, keys=None) -> tuple[list, list, list]:
+    """(ids, is_target, key) for [(question, answer), ...]: targets are answer tokens and EOS;
+    `key` holds keys[i] at the last prompt token of turn i (the one that predicts the answer)
+    and -1 elsewhere."""
+    ids, target, key = [], [], []
     for i, (q, a) in enumerate(turns):
       p, ans = self.prompt(q, i == 0), self._ids(a) + [self.tok.eos_token_id]
       ids += p + ans
       target += [False] * len(p) + [True] * len(ans)
-    return ids, target
+      key += [-1] * (len(p) - 1) + [-1 if keys is None else keys[i]] + [-1] * len(ans)
+    return ids, target, key
 
 
-def encode_training_set(enc: Encoder, items, seed: int, pad_id: int):
-  """(ids i32[N, T], target bool[N, T]) right padded; the turn order is shuffled per image."""
+def question_key(cat: str, question: str, grid: int) -> int:
+  """The class of what a question asks: cell (r, c) -> r*G + c; count d -> G*G + d; presence
+  d -> G*G + 10 + d."""
+  nums = [int(w) for w in question.split() if w.isdigit()]
+  if cat == "cell":
+    return (nums[0] - 1) * grid + nums[1] - 1
+  return grid * grid + nums[0] + (10 if cat == "presence" else 0)
+
+
+def encode_training_set(enc: Encoder, items, seed: int, pad_id: int, grid: int):
+  """(ids i32[N, T], target bool[N, T], key i32[N, T]) right padded (see `Encoder.conversation`);
+  the turn order is shuffled per image."""
   rng = np.random.default_rng(seed)
   rows = []
   for qa in items:
-    turns = [(q, a) for _, q, a in qa]
-    rows.append(enc.conversation([turns[i] for i in rng.permutation(len(turns))]))
+    order = rng.permutation(len(qa))
+    rows.append(enc.conversation([qa[i][1:] for i in order],
+                                 [question_key(*qa[i][:2], grid) for i in order]))
   t = -(-max(len(r[0]) for r in rows) // 8) * 8
   ids = np.full((len(rows), t), pad_id, np.int32)
   target = np.zeros((len(rows), t), bool)
-  for i, (r, m) in enumerate(rows):
-    ids[i, :len(r)], target[i, :len(m)] = r, m
-  return ids, target
+  key = np.full((len(rows), t), -1, np.int32)
+  for i, (r, m, k) in enumerate(rows):
+    ids[i, :len(r)], target[i, :len(m)], key[i, :len(k)] = r, m, k
+  return ids, target, key
 
 
 # ---- training ------------------------------------------------------------------------------------
@@ -268,14 +302,49 @@ def optimizer(tc: TrainConfig, frozen_llm: bool) -> optax.GradientTransformation
   return optax.multi_transform(transforms, labels)
 
 
-def init_aux_head(cfg: LlavaConfig, key) -> dict:
-  """The auxiliary head's own weights: a bias over the 10 digits (the rest is the LM head)."""
-  del cfg, key
-  return {"bias": jnp.zeros((10,))}
+def init_aux_head(cfg: LlavaConfig, tc: TrainConfig) -> dict:
+  """Training-only weights, never saved: a bias over the 10 digits for the per-cell loss (the
+  rest is the LM head) and the question-key probe."""
+  n_keys = tc.data.grid ** 2 + 20
+  return {"bias": jnp.zeros((10,)),
+          "probe": jnp.zeros((cfg.text.hidden_size, n_keys)),
+          "cell": jnp.zeros((cfg.text.hidden_size, tc.data.grid ** 2))}
+
+
+def cell_loss(cfg: LlavaConfig, tc: TrainConfig, head: dict, feats_BxVxD):
+  """Cross-entropy of a linear probe reading each visual token's grid cell from its projected
+  features (RMS-normalised, as the decoder's first layer sees them).
+
+  Why: a cell question is answered by attention whose query names the cell, so the keys of the
+  visual tokens must separate cells linearly. The ViT's position codes vary smoothly across a
+  cell boundary; this makes "which cell" an explicit, linear feature from the first steps.
+  """
+  h = feats_BxVxD * jax.lax.rsqrt(jnp.mean(feats_BxVxD ** 2, -1, keepdims=True)
+                                  + cfg.text.rms_norm_eps)
+  labels = jnp.broadcast_to(jnp.asarray(cell_of_patch(tc)), h.shape[:2])
+  return optax.softmax_cross_entropy_with_integer_labels(h @ head["cell"], labels).mean()
+
+
+def probe_loss(cfg: LlavaConfig, head: dict, h_BxTxD, key_BxT):
+  """Cross-entropy of a linear probe reading, at each answer-predicting token, what the question
+  asks about (the cell, or the digit) from a middle layer's hidden state.
+
+  Why: the answer depends on the question and the image only jointly, so at the start neither
+  "bring the question to the answer position" nor "look at the image" gets a first-order
+  gradient on its own, and training sits at the answer prior. The probe gives the first step
+  its own signal; the decoder then only has to learn the lookup.
+  """
+  h = h_BxTxD * jax.lax.rsqrt(jnp.mean(h_BxTxD ** 2, -1, keepdims=True) + cfg.text.rms_norm_eps)
+  logits = h @ head["probe"]
+  w = (key_BxT >= 0).astype(jnp.float32)
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.maximum(key_BxT, 0))
+  return (ce * w).sum() / jnp.maximum(w.sum(), 1.0)
 
 
 def aux_logits(cfg: LlavaConfig, tc: TrainConfig, llm, head: dict, digit_ids, feats_BxVxD):
-  """f[B, G*G, 10]: the digit of every grid cell, read from its mean-pooled visual tokens.
+  """f[B, G*G, 10] (aux_pool "cell") or f[B, V, 10] ("token", "ink"): digit logits of every grid
+  cell, read from its mean-pooled visual tokens, or of every visual token (the loss then keeps,
+  for "ink", only the patches that hold ink: a blank patch cannot know its cell's digit).
 
   The patches of a cell form a square block (cells align with patches). The read-out is the
   decoder's own final norm and LM head, restricted to the digit tokens: the loss pulls each
@@ -286,13 +355,106 @@ def aux_logits(cfg: LlavaConfig, tc: TrainConfig, llm, head: dict, digit_ids, fe
   g, side = tc.data.grid, tc.data.image_size // tc.patch_size
   s = side // g
   b, _, d = feats_BxVxD.shape
+  if tc.aux_pool in ("token", "ink"):  # visual tokens carry the digit of their own cell
+    return llama.lm_logits(cfg.text, llm, feats_BxVxD)[..., jnp.asarray(digit_ids)] + head["bias"]
   cells = feats_BxVxD.reshape(b, g, s, g, s, d).mean((2, 4)).reshape(b, g * g, d)
   return llama.lm_logits(cfg.text, llm, cells)[..., jnp.asarray(digit_ids)] + head["bias"]
 
 
-def loss_fn(cfg: LlavaConfig, tc: TrainConfig, digit_ids, train, ids_BxT, target_BxT, pixels,
-            cells_BxC, frozen_llm: bool):
-  """Answer cross-entropy (+ aux_weight * per-cell digit cross-entropy); (loss, (acc, aux))."""
+def cell_of_patch(tc: TrainConfig) -> np.ndarray:
+  """i32[V]: the grid cell of each patch, patches in row-major order."""
+  g, side = tc.data.grid, tc.data.image_size // tc.patch_size
+  r, c = np.meshgrid(np.arange(side), np.arange(side), indexing="ij")
+  return ((r // (side // g)) * g + c // (side // g)).reshape(-1)
+
+
+def ink_patches(tc: TrainConfig, pixels_BxCxHxW):
+  """bool[B, V]: the patches (row-major) that hold any ink, i.e. any pixel above background."""
+  blank = -CLIP_MEAN[0] / CLIP_STD[0]
+  b, _, h, w = pixels_BxCxHxW.shape
+  p = tc.patch_size
+  ink = pixels_BxCxHxW[:, 0] > blank + 1e-3
+  return ink.reshape(b, h // p, p, w // p, p).any((2, 4)).reshape(b, -1)
+
+
+def cell_of_position(tc: TrainConfig, ids_BxT, image_token_id: int):
+  """i32[B, T]: the grid cell each visual token's patch lies in (-1 for text tokens)."""
+  side = tc.data.image_size // tc.patch_size
+  is_img = ids_BxT == image_token_id
+  idx = jnp.clip(jnp.cumsum(is_img, axis=1) - 1, 0, side * side - 1)
+  return jnp.where(is_img, jnp.asarray(cell_of_patch(tc))[idx], -1)
+
+
+def _head_log_attention(cfg: LlavaConfig, layer_p, h_BxTxD, positions_BxT, mask_BxTxS,
+                        head: int):
+  """f32[B, T, S]: log attention probabilities of query head `head` of a decoder layer whose
+  input is h, computed as the layer computes them (norm, projections, RoPE, masked softmax)."""
+  tc, hd = cfg.text, cfg.text.head_dim
+  kv = head // (tc.num_heads // tc.num_kv_heads)                     # the head's KV group
+  x = RMSNorm(tc.rms_norm_eps).apply({"params": layer_p["attn_norm"]}, h_BxTxD)
+  q = (x @ layer_p["attn"]["q"]["kernel"])[..., head * hd:(head + 1) * hd][:, :, None]
+  k = (x @ layer_p["attn"]["k"]["kernel"])[..., kv * hd:(kv + 1) * hd][:, :, None]
+  sc = rope.sin_cos(positions_BxT, rope.inv_frequencies(tc))
+  q, k = rope.apply_rope(q, *sc)[:, :, 0], rope.apply_rope(k, *sc)[:, :, 0]
+  s = jnp.einsum("btk,bsk->bts", q, k) * hd ** -0.5
+  return jax.nn.log_softmax(jnp.where(mask_BxTxS, s, -1e30), axis=-1)
+
+
+def relevant_tokens(cfg: LlavaConfig, tc: TrainConfig, ids_BxT, key_BxT, cells_BxC, pixels):
+  """bool[B, T, S]: at each answer-predicting token, the visual tokens its question is about.
+
+  The asked cell (cell questions), or every cell holding the asked digit (count, presence);
+  with aux_pool "ink" only the patches of those cells that hold ink.
+  """
+  g2 = tc.data.grid ** 2
+  digit = jnp.where(key_BxT < g2, -1, (key_BxT - g2) % 10)
+  rel_cells = jnp.where((key_BxT < g2)[..., None],
+                        jax.nn.one_hot(key_BxT, g2, dtype=bool),
+                        cells_BxC[:, None, :] == digit[..., None])     # [B, T, C]
+  cell = cell_of_position(tc, ids_BxT, cfg.image_token_id)           # [B, S]
+  rel = jnp.take_along_axis(rel_cells, jnp.maximum(cell, 0)[:, None, :], axis=2) & (cell >= 0)[:, None]
+  if tc.aux_pool == "ink":
+    idx = jnp.clip(jnp.cumsum(cell >= 0, axis=1) - 1, 0, None)
+    ink = jnp.take_along_axis(ink_patches(tc, pixels), idx, axis=1) & (cell >= 0)
+    rel = rel & ink[:, None, :]
+  return rel & (key_BxT >= 0)[..., None]
+
+
+def grounding_loss(cfg: LlavaConfig, tc: TrainConfig, layer_p, h_BxTxD, positions_BxT,
+                   mask_BxTxS, ids_BxT, key_BxT, cells_BxC, pixels):
+  """Attention supervision of two heads of layer `ground_layer` at each answer-predicting token.
+
+  Head 0 looks things up: -log(its attention mass on the relevant tokens, `relevant_tokens`)
+  for cell questions and for presence questions whose digit is there. Head 1 counts: for count
+  questions, cross-entropy to the distribution uniform over the k relevant tokens and the first
+  token (BOS, the sink), so its output is (k v_digit + v_bos) / (k + 1), a monotone code of k
+  (with aux_pool "ink" and one ink patch per cell, k is the answer). All mass on the relevant
+  tokens, as head 0 learns, would make the read-out the same for every k.
+
+  Like the probe, this gives the image lookup its own signal instead of one that exists only
+  once the question has reached the answer token.
+  """
+  g2 = tc.data.grid ** 2
+  rel = relevant_tokens(cfg, tc, ids_BxT, key_BxT, cells_BxC, pixels)
+  counting = (key_BxT >= g2) & (key_BxT < g2 + 10)
+  lookup = (key_BxT >= 0) & ~counting & rel.any(-1)
+  logp0 = _head_log_attention(cfg, layer_p, h_BxTxD, positions_BxT, mask_BxTxS, 0)
+  nll = -jax.nn.logsumexp(jnp.where(rel, logp0, -1e30), axis=-1)
+  logp1 = _head_log_attention(cfg, layer_p, h_BxTxD, positions_BxT, mask_BxTxS, 1)
+  first = (jnp.cumsum(mask_BxTxS, axis=-1) == 1) & mask_BxTxS         # each row's first key
+  tgt = (rel | first).astype(jnp.float32)
+  ce = -(tgt * jnp.where(mask_BxTxS, logp1, 0.0)).sum(-1) / jnp.maximum(tgt.sum(-1), 1.0)
+  w0, w1 = lookup.astype(jnp.float32), counting.astype(jnp.float32)
+  return ((nll * w0).sum() + (ce * w1).sum()) / jnp.maximum(w0.sum() + w1.sum(), 1.0)
+
+
+def loss_fn(cfg: LlavaConfig, tc: TrainConfig, digit_ids, train, ids_BxT, target_BxT, key_BxT,
+            pixels, cells_BxC, frozen_llm: bool):
+  """Answer cross-entropy plus the weighted auxiliary losses; (loss, {metric: value}).
+
+  ids/target/key [B, T] as `encode_training_set` gives them, pixels f32[B, 3, H, W], cells
+  i32[B, G*G] the digit of each grid cell (row-major).
+  """
   params = train["params"]
   if frozen_llm:  # no weight gradients for the LLM; activations still carry them to the vision
     params = {**params, "llm": jax.lax.stop_gradient(params["llm"])}
@@ -300,26 +462,49 @@ def loss_fn(cfg: LlavaConfig, tc: TrainConfig, digit_ids, train, ids_BxT, target
   feats = llava.image_features(cfg, params, pixels)
   x = llava.merge_image_features(cfg, llama.embed(cfg.text, params["llm"], ids_BxT), ids_BxT,
                                  feats)
-  logits = llama.decode_embeds(cfg.text, params["llm"], x, valid, inputs.positions_from_mask(valid))
+  slots = jnp.broadcast_to(jnp.arange(x.shape[1]), valid.shape)
+  stack = ("hidden",) if tc.probe_weight or tc.ground_weight else ()
+  h, _, *ys = llama.run_layers(cfg.text, params["llm"]["layers"], x,
+                               inputs.positions_from_mask(valid), llama.attention_mask(slots, valid),
+                               stack=stack)
+  logits = llama.lm_logits(cfg.text, params["llm"], h)
+  probe = (probe_loss(cfg, train["aux"], ys[0]["hidden"][tc.probe_layer - 1], key_BxT)
+           if tc.probe_weight else jnp.zeros(()))
+  ground = jnp.zeros(())
+  if tc.ground_weight:
+    lp = jax.tree.map(lambda a: a[tc.ground_layer], params["llm"]["layers"])
+    ground = grounding_loss(cfg, tc, lp, ys[0]["hidden"][tc.ground_layer - 1],
+                            inputs.positions_from_mask(valid), llama.attention_mask(slots, valid),
+                            ids_BxT, key_BxT, cells_BxC, pixels)
   logits, labels, w = logits[:, :-1], ids_BxT[:, 1:], target_BxT[:, 1:].astype(jnp.float32)
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
   n = jnp.maximum(w.sum(), 1.0)
   acc = ((jnp.argmax(logits, -1) == labels) * w).sum() / n
   aux = optax.softmax_cross_entropy_with_integer_labels(
-      aux_logits(cfg, tc, params["llm"], train["aux"], digit_ids, feats), cells_BxC).mean()
-  return (ce * w).sum() / n + tc.aux_weight * aux, (acc, aux)
+      aux_logits(cfg, tc, params["llm"], train["aux"], digit_ids, feats),
+      cells_BxC if tc.aux_pool == "cell" else cells_BxC[:, cell_of_patch(tc)])
+  if tc.aux_pool == "ink":  # only the patches that hold ink know their cell's digit
+    ink = ink_patches(tc, pixels).astype(jnp.float32)
+    aux = (aux * ink).sum() / jnp.maximum(ink.sum(), 1.0)
+  else:
+    aux = aux.mean()
+  cell = cell_loss(cfg, tc, train["aux"], feats) if tc.cell_weight else jnp.zeros(())
+  total = ((ce * w).sum() / n + tc.aux_weight * aux + tc.probe_weight * probe
+           + tc.ground_weight * ground + tc.cell_weight * cell)
+  return total, {"answer_token_acc": acc, "aux_loss": aux, "probe_loss": probe,
+                 "ground_loss": ground, "cell_loss": cell}
 
 
 def make_train_step(cfg: LlavaConfig, tc: TrainConfig, digit_ids, tx, frozen_llm: bool = False):
   @jax.jit
-  def step(state, ids, target, pixels, cells):
+  def step(state, ids, target, key, pixels, cells):
     train = {"params": state["params"], "aux": state["aux"]}
     grad_fn = jax.value_and_grad(loss_fn, argnums=3, has_aux=True)
-    (loss, (acc, aux)), g = grad_fn(cfg, tc, digit_ids, train, ids, target, pixels, cells,
-                                    frozen_llm)
+    (loss, metrics), g = grad_fn(cfg, tc, digit_ids, train, ids, target, key, pixels, cells,
+                                 frozen_llm)
     updates, opt = tx.update(g, state["opt_state"], train)
     new = optax.apply_updates(train, updates)
-    return {**new, "opt_state": opt}, loss, acc, aux
+    return {**new, "opt_state": opt}, loss, metrics
   return step
 
 
@@ -348,6 +533,23 @@ def _tokenizer_and_llm(tc: TrainConfig, llm_dir):
   return tok, m
 
 
+def validate(tc: TrainConfig, cfg: LlavaConfig) -> None:
+  """Refuses a configuration the losses cannot be computed for, naming the setting."""
+  side = tc.data.image_size // tc.patch_size
+  if tc.data.image_size % tc.patch_size or side % tc.data.grid:
+    raise JaxmmError(f"grid cells must align with patches: image {tc.data.image_size} px, patch "
+                     f"{tc.patch_size}, grid {tc.data.grid}")
+  if tc.aux_pool not in ("cell", "token", "ink"):
+    raise JaxmmError(f"aux_pool must be 'cell', 'token' or 'ink', got {tc.aux_pool!r}")
+  n = cfg.text.num_layers
+  for name, on, layer in (("probe", tc.probe_weight, tc.probe_layer),
+                          ("ground", tc.ground_weight, tc.ground_layer)):
+    if on and not 1 <= layer < n:
+      raise JaxmmError(f"{name}_layer must be in 1..{n - 1} (it reads a layer's input), got {layer}")
+  if tc.ground_weight and cfg.text.num_heads < 2:
+    raise JaxmmError("ground_weight needs >= 2 decoder heads (a lookup and a counting head)")
+
+
 class Run:
   """One training run: data, model, optimiser; `state` is the checkpointed pytree."""
 
@@ -356,18 +558,17 @@ class Run:
     self.tok, llm = _tokenizer_and_llm(tc, llm_dir)
     self.frozen_llm = llm is not None
     self.cfg = model_config(tc, self.tok, llm.config if llm else None)
+    validate(tc, self.cfg)
     images, items, cells = digits_vqa.training_set(tc.data, tc.train_images, tc.seed,
                                                    tc.turns_per_category, with_labels=True)
     self.pixels = pixel_values(images)
     self.cells = cells.reshape(len(cells), -1)
-    if (tc.data.image_size // tc.patch_size) % tc.data.grid:
-      raise JaxmmError(f"grid cells must align with patches: {tc.data.image_size // tc.patch_size}"
-                       f" patches per side, grid {tc.data.grid}")
     enc = Encoder(self.tok, self.cfg.num_image_tokens, self.cfg.image_token_id)
-    self.ids, self.target = encode_training_set(enc, items, tc.seed, self.tok.pad_token_id)
-    key, k_aux = jax.random.split(jax.random.key(tc.seed))
+    self.ids, self.target, self.key = encode_training_set(enc, items, tc.seed,
+                                                          self.tok.pad_token_id, tc.data.grid)
+    key = jax.random.split(jax.random.key(tc.seed))[0]
     params = init_params(self.cfg, key, llm.params if llm else None, tc.pos_init)
-    train = {"params": params, "aux": init_aux_head(self.cfg, k_aux)}
+    train = {"params": params, "aux": init_aux_head(self.cfg, tc)}
     tx = optimizer(tc, self.frozen_llm)
     self.state = {**train, "opt_state": tx.init(train)}
     self.digit_ids = tuple(self.tok.convert_tokens_to_ids([str(d) for d in range(10)]))
@@ -375,10 +576,10 @@ class Run:
 
   def step(self, step: int) -> dict:
     rows = batch_rows(self.tc, step, len(self.ids))
-    self.state, loss, acc, aux = self.train_step(self.state, self.ids[rows], self.target[rows],
-                                                 self.pixels[rows], self.cells[rows])
-    return {"step": step, "loss": float(loss), "answer_token_acc": float(acc),
-            "aux_loss": float(aux)}
+    self.state, loss, metrics = self.train_step(
+        self.state, self.ids[rows], self.target[rows], self.key[rows], self.pixels[rows],
+        self.cells[rows])
+    return {"step": step, "loss": float(loss), **{k: float(v) for k, v in metrics.items()}}
 
   def save_model(self, out: Path) -> Path:
     """The converted-format folder, with the tokenizer and processor files beside the params."""
@@ -415,7 +616,9 @@ def _check_same_config(out: Path, tc: TrainConfig, llm_dir) -> None:
   want = {"config": tc.to_dict(), "llm": str(llm_dir) if llm_dir else None}
   if f.exists() and json.loads(f.read_text()) != want:
     raise JaxmmError(f"{out} holds a run with another configuration ({f}); use a new --out")
-  f.write_text(json.dumps(want, indent=2))
+  tmp = f.with_suffix(".json.tmp")  # atomic: a kill never leaves a truncated config behind
+  tmp.write_text(json.dumps(want, indent=2))
+  tmp.replace(f)
 
 
 def train(tc: TrainConfig, out, llm_dir=None, kill_at_step=None, progress=True) -> Path:

@@ -30,11 +30,23 @@ _PRESENCE_Q = "Is there a {d} in the grid?"
 
 @dataclasses.dataclass(frozen=True)
 class DigitsVQAConfig:
-  """grid x grid cells of `cell_px` pixels (8x8 scans upscaled by nearest neighbour)."""
+  """grid x grid cells of `cell_px` pixels.
+
+  tiles = 1: the 8x8 scan, upscaled by nearest neighbour, fills its cell. tiles = t > 1: a cell
+  is a t x t block of tiles of cell_px / t pixels and the scan fills one tile drawn at random;
+  the rest of the cell is background, as objects in photographs leave most patches empty.
+  """
   grid: int = 3
   cell_px: int = 16
+  tiles: int = 1
   test_fraction: float = 0.2   # of the 1797 scans, held out for test grids
   split_seed: int = 0          # which scans are held out
+
+  def __post_init__(self):
+    # Scans are upscaled by whole pixels into a cell (tiles = 1) or into one tile.
+    if self.grid < 1 or self.tiles < 1 or self.cell_px % (8 * self.tiles):
+      raise ValueError(f"digits-VQA needs grid, tiles >= 1 and cell_px a multiple of 8 * tiles, "
+                       f"got grid={self.grid}, cell_px={self.cell_px}, tiles={self.tiles}")
 
   @property
   def image_size(self) -> int:
@@ -66,8 +78,13 @@ def scan_split(cfg: DigitsVQAConfig, split: str) -> np.ndarray:
   return np.sort(order[:n_test] if split == "test" else order[n_test:])
 
 
-def render(cfg: DigitsVQAConfig, scan_ids_GxG: np.ndarray) -> np.ndarray:
-  """uint8[H, W] grayscale grid image (white ink on black, as in the UCI scans)."""
+def render(cfg: DigitsVQAConfig, scan_ids_GxG: np.ndarray, tile_GxG=None) -> np.ndarray:
+  """uint8[H, W] grayscale grid image (white ink on black, as in the UCI scans).
+
+  tile_GxG: with cfg.tiles > 1, the tile (row-major in its cell) that holds each cell's scan.
+  """
+  if cfg.tiles > 1:
+    return _render_tiled(cfg, scan_ids_GxG, tile_GxG)
   images, _ = _scans()
   s = cfg.cell_px // 8
   cells = images[scan_ids_GxG] * (255.0 / 16.0)                   # [G, G, 8, 8]
@@ -84,6 +101,18 @@ def _pools(cfg: DigitsVQAConfig, split: str) -> dict:
   _, labels = _scans()
   pool = scan_split(cfg, split)
   return {c: pool[labels[pool] == c] for c in range(10)}
+
+
+def _render_tiled(cfg: DigitsVQAConfig, scan_ids_GxG, tile_GxG) -> np.ndarray:
+  images, _ = _scans()
+  t, tile = cfg.tiles, cfg.cell_px // cfg.tiles
+  s = tile // 8
+  out = np.zeros((cfg.image_size, cfg.image_size), np.float32)
+  for (r, c), scan in np.ndenumerate(scan_ids_GxG):
+    y = r * cfg.cell_px + (tile_GxG[r, c] // t) * tile
+    x = c * cfg.cell_px + (tile_GxG[r, c] % t) * tile
+    out[y:y + 8 * s, x:x + 8 * s] = (images[scan] * (255.0 / 16.0)).repeat(s, 0).repeat(s, 1)
+  return out.round().astype(np.uint8)
 
 
 def sample_grid(cfg: DigitsVQAConfig, pools: dict, rng) -> np.ndarray:
@@ -128,7 +157,8 @@ def make_split(cfg: DigitsVQAConfig, split: str, n_images: int, seed: int,
   images, items, grids, k = [], [], [], 0
   for _ in range(n_images):
     ids = sample_grid(cfg, pools, rng)
-    images.append(render(cfg, ids))
+    tiles = rng.integers(cfg.tiles ** 2, size=ids.shape) if cfg.tiles > 1 else None
+    images.append(render(cfg, ids, tiles))
     grids.append(labels[ids])
     qa = []
     for cat in CATEGORIES:

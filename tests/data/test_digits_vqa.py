@@ -108,3 +108,34 @@ def test_unknown_split_or_category_is_rejected():
     dv.scan_split(CFG, "val")
   with pytest.raises(ValueError):
     dv.ask("colour", np.zeros((3, 3), int), np.random.default_rng(0))
+
+
+def test_tiled_layout_puts_each_scan_in_its_drawn_tile_and_leaves_the_rest_blank():
+  cfg = dv.DigitsVQAConfig(grid=3, cell_px=32, tiles=4)   # 96 px, 8 px tiles, scans at 1x
+  ids = dv.scan_split(cfg, "test")[:9].reshape(3, 3)
+  tile = np.arange(9).reshape(3, 3) % 16 + 3                  # arbitrary tiles, one per cell
+  img = dv.render(cfg, ids, tile)
+  scans, _ = dv._scans()
+  want = np.zeros((96, 96))
+  for (r, c), t in np.ndenumerate(tile):
+    y, x = 32 * r + 8 * (t // 4), 32 * c + 8 * (t % 4)
+    want[y:y + 8, x:x + 8] = (scans[ids[r, c]] * 255 / 16).round()
+  np.testing.assert_array_equal(img, want)
+
+
+def test_tiled_splits_are_deterministic_and_draw_varied_tiles():
+  cfg = dv.DigitsVQAConfig(grid=3, cell_px=32, tiles=4)
+  a, qa = dv.make_split(cfg, "test", 4, seed=1)
+  b, qb = dv.make_split(cfg, "test", 4, seed=1)
+  np.testing.assert_array_equal(a, b)
+  assert qa == qb and a.shape == (4, 96, 96)
+  blocks = a.reshape(4, 12, 8, 12, 8).max((2, 4)) > 0        # which 8 px tiles hold ink
+  cells = blocks.reshape(4, 3, 4, 3, 4).transpose(0, 1, 3, 2, 4).reshape(4, 9, 16)
+  assert (cells.sum(-1) <= 1).all() and (cells.sum(-1) == 1).mean() > 0.9   # one tile per cell
+  assert len(set(cells.argmax(-1).ravel().tolist())) > 5                    # not a fixed tile
+
+
+@pytest.mark.parametrize("kw", [dict(cell_px=12), dict(cell_px=32, tiles=3), dict(tiles=0)])
+def test_a_layout_that_cannot_hold_whole_pixel_scans_is_refused(kw):
+  with pytest.raises(ValueError, match="cell_px a multiple of 8"):
+    dv.DigitsVQAConfig(**kw)

@@ -58,7 +58,7 @@ def test_default_preset_meets_the_issue_shape():
 
 
 def test_aux_head_reads_each_cells_own_patch_block_through_the_lm_head():
-  tc = vlm.default()
+  tc = vlm.TrainConfig(aux_pool="cell")   # 48 px cells filled by their scan, patch 4
   side, g = tc.data.image_size // tc.patch_size, tc.data.grid
   s = side // g
   r, c = np.meshgrid(np.arange(side), np.arange(side), indexing="ij")

@@ -1,0 +1,142 @@
+"""The training-only signals of `train.vlm` against straightforward NumPy references."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxmm import inputs
+from jaxmm.data import digits_vqa
+from jaxmm.models import llama, llava
+from train import vlm
+
+# 2x2 cells of 2x2 tiles, 8 px tiles = patches: 16 visual tokens, one with ink per cell.
+TC = dataclasses.replace(vlm.tiny(), data=digits_vqa.DigitsVQAConfig(grid=2, cell_px=16, tiles=2),
+                         patch_size=8, aux_pool="ink", ground_weight=1.0, ground_layer=1,
+                         probe_weight=1.0, probe_layer=1, cell_weight=1.0, train_images=8,
+                         rope_theta=500.0)
+
+
+@pytest.fixture(scope="module")
+def run():
+  return vlm.Run(TC)
+
+
+def test_ink_patches_are_the_patches_with_any_nonzero_pixel():
+  images, _ = digits_vqa.make_split(TC.data, "test", 3, seed=0)
+  got = np.asarray(vlm.ink_patches(TC, vlm.pixel_values(images)))
+  want = images.reshape(3, 4, 8, 4, 8).max((2, 4)).reshape(3, 16) > 0
+  np.testing.assert_array_equal(got, want)
+  assert (want.reshape(3, 2, 2, 2, 2).transpose(0, 1, 3, 2, 4).reshape(3, 4, 4).sum(-1) <= 1).all()
+
+
+def test_question_keys_and_where_they_sit_in_a_conversation(run):
+  assert vlm.question_key("cell", "What digit is in row 2 , column 1 ?", 2) == 2
+  assert vlm.question_key("count", "How many times does 7 appear ?", 2) == 4 + 7
+  assert vlm.question_key("presence", "Is there a 0 in the grid ?", 3) == 9 + 10
+  enc = vlm.Encoder(run.tok, run.cfg.num_image_tokens, run.cfg.image_token_id)
+  ids, target, key = enc.conversation([("Is there a 3 in the grid?", "no"),
+                                       ("How many times does 1 appear?", "2")], [7, 5])
+  at = [i for i, k in enumerate(key) if k >= 0]
+  assert [key[i] for i in at] == [7, 5]
+  assert [target[i + 1] and not target[i] for i in at] == [True, True]   # next token: the answer
+  assert run.tok.convert_ids_to_tokens([ids[i + 1] for i in at]) == ["no", "2"]
+
+
+def _rope_np(x_TxK, pos_T, theta):
+  half = x_TxK.shape[-1] // 2
+  ang = pos_T[:, None] * theta ** (-np.arange(half) * 2.0 / x_TxK.shape[-1])[None]
+  sin, cos = np.sin(np.concatenate([ang, ang], -1)), np.cos(np.concatenate([ang, ang], -1))
+  rot = np.concatenate([-x_TxK[:, half:], x_TxK[:, :half]], -1)
+  return x_TxK * cos + rot * sin
+
+
+def _grounding_np(run, h_BxTxD, ids, key, cells, pixels):
+  """Head 0: -log attention mass on the relevant ink patches (cell, presence); head 1: cross-
+  entropy to uniform over them and BOS (count). By loops over plain arrays."""
+  cfg, p = run.cfg.text, jax.tree.map(np.asarray, run.state["params"]["llm"]["layers"])
+  hd, layer, g2 = cfg.head_dim, TC.ground_layer, 4
+  pix = np.asarray(pixels)[:, 0]
+  ink = pix.reshape(len(pix), 4, 8, 4, 8).max((2, 4)).reshape(len(pix), 16) > pix.min() + 1e-3
+  patch_cell = [(j // 4 // 2) * 2 + (j % 4) // 2 for j in range(16)]
+  losses = []
+  for b in range(len(ids)):
+    valid = ids[b] != cfg.pad_token_id
+    pos = np.cumsum(valid) - 1
+    h = np.asarray(h_BxTxD[b], np.float64)
+    x = h / np.sqrt((h ** 2).mean(-1, keepdims=True) + cfg.rms_norm_eps)
+    x = x * p["attn_norm"]["scale"][layer]
+    k = _rope_np(x @ p["attn"]["k"]["kernel"][layer][:, :hd], pos, cfg.rope_theta)  # 1 KV head
+    slots = np.flatnonzero(ids[b] == run.cfg.image_token_id)
+    for t in np.flatnonzero(key[b] >= 0):
+      kt = key[b, t]
+      head = 1 if g2 <= kt < g2 + 10 else 0
+      q = _rope_np(x @ p["attn"]["q"]["kernel"][layer][:, head * hd:(head + 1) * hd], pos,
+                   cfg.rope_theta)
+      seen = valid & (np.arange(len(valid)) <= t)
+      s = np.where(seen, k @ q[t] / np.sqrt(hd), -np.inf)
+      prob = np.exp(s - s.max()) / np.exp(s - s.max()).sum()
+      rel = [slots[j] for j in range(16) if ink[b, j] and (
+          patch_cell[j] == kt if kt < g2 else cells[b, patch_cell[j]] == (kt - g2) % 10)]
+      if head == 1:
+        losses.append(-np.log(prob[rel + [0]]).mean())   # slot 0: BOS (right padding)
+      elif rel:
+        losses.append(-np.log(prob[rel].sum()))
+  return np.mean(losses)
+
+
+def test_grounding_loss_equals_the_attention_mass_computed_by_hand(run):
+  rows = np.arange(4)
+  ids, key = run.ids[rows], run.key[rows]
+  px, cells = run.pixels[rows], run.cells[rows]
+  params, cfg = run.state["params"], run.cfg
+  # A random-init model attends almost uniformly: perturb the weights so the check has teeth.
+  leaves, tree = jax.tree.flatten(params["llm"])
+  keys = jax.random.split(jax.random.key(1), len(leaves))
+  params = {**params, "llm": jax.tree.unflatten(tree, [
+      a + 0.3 * jax.random.normal(k, a.shape) for a, k in zip(leaves, keys)])}
+  run = type("R", (), {"cfg": cfg, "state": {"params": params}})
+  valid = ids != cfg.text.pad_token_id
+  slots = jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)
+  pos, mask = inputs.positions_from_mask(valid), llama.attention_mask(slots, valid)
+  feats = llava.image_features(cfg, params, px)
+  x = llava.merge_image_features(cfg, llama.embed(cfg.text, params["llm"], ids), ids, feats)
+  *_, ys = llama.run_layers(cfg.text, params["llm"]["layers"], x, pos, mask, stack=("hidden",))
+  h = ys["hidden"][TC.ground_layer - 1]
+  lp = jax.tree.map(lambda a: a[TC.ground_layer], params["llm"]["layers"])
+  for fn in (vlm.grounding_loss, jax.jit(vlm.grounding_loss, static_argnums=(0, 1))):
+    got = fn(cfg, TC, lp, h, pos, mask, ids, key, cells, px)
+    np.testing.assert_allclose(got, _grounding_np(run, h, ids, key, cells, px), rtol=2e-5)
+
+
+def test_cell_probe_is_near_zero_on_one_hot_cells_and_log_cells_on_nothing():
+  cfg = type("C", (), {"text": type("T", (), {"rms_norm_eps": 1e-6})})
+  cell = vlm.cell_of_patch(TC)                                   # [16] in 0..3
+  feats = np.eye(8, dtype=np.float32)[cell][None]                # channel c <- cell c
+  sharp = {"cell": np.pad(50 * np.eye(4, dtype=np.float32), ((0, 4), (0, 0)))}
+  assert float(vlm.cell_loss(cfg, TC, sharp, feats)) < 1e-3
+  blank = {"cell": np.zeros((8, 4), np.float32)}
+  np.testing.assert_allclose(vlm.cell_loss(cfg, TC, blank, feats), np.log(4), rtol=1e-6)
+  wrong = {"cell": np.pad(50 * np.eye(4, dtype=np.float32)[::-1], ((0, 4), (0, 0)))}
+  assert float(vlm.cell_loss(cfg, TC, wrong, feats)) > 10
+
+
+def test_every_auxiliary_signal_trains_and_is_logged(run):
+  recs = [run.step(s) for s in (1, 2)]
+  for name in ("aux_loss", "probe_loss", "ground_loss", "cell_loss"):
+    assert all(np.isfinite(r[name]) and r[name] > 0 for r in recs), name
+  assert not np.allclose(np.asarray(run.state["aux"]["cell"]), 0)
+  assert not np.allclose(np.asarray(run.state["aux"]["probe"]), 0)
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(aux_pool="mean"), "aux_pool must be"),
+    (dict(ground_layer=2), "ground_layer must be in 1..1"),
+    (dict(probe_layer=0), "probe_layer must be in 1..1"),
+    (dict(patch_size=32), "grid cells must align with patches"),
+])
+def test_a_config_the_losses_cannot_use_is_refused_before_any_work(change, match):
+  from jaxmm.errors import JaxmmError
+  with pytest.raises(JaxmmError, match=match):
+    vlm.Run(dataclasses.replace(TC, **change))
