@@ -9,7 +9,6 @@ averaged over questions and the ECL is K* = argmax_{1<=l<=L/2} (S̄_{l-1} - S̄_
 Writes OUT/ecl.json and OUT/ecl.png (both curves, the detected layer marked).
 """
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import numpy as np
 
 import jaxmm.cli
 from eval import analyze_common as common
+from jaxmm import checkpoint
 from jaxmm.analysis import ecl
 from jaxmm.analysis.capture import Capture
 
@@ -59,7 +59,7 @@ def plot(res: dict, path: Path) -> None:
   ax.set_title(f"{Path(res['model']).name}: {res['questions']} questions")
   ax.legend(fontsize=8)
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  checkpoint.atomic_file(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
   plt.close(fig)
 
 
@@ -68,7 +68,7 @@ def run(args) -> int:
   res = analyze(m, rows, pr, args.image_folder)
   out = Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
-  (out / "ecl.json").write_text(json.dumps(res, indent=1))
+  checkpoint.write_json(out / "ecl.json", res, indent=1)
   plot(res, out / "ecl.png")
   print(f"{'layer':>5} {'S_mean':>8} {'S_glob':>8}")
   for l, a, b in zip(res["layers"], res["mean_token_entropy"], res["global_entropy"]):

@@ -11,7 +11,6 @@ and max of I_l(w) and mean |I_l(w)|; the horizon is the first l with mean |I_l| 
 Writes OUT/horizon.json, OUT/horizon_heatmap.png (layer x category) and OUT/horizon_curves.png.
 """
 import argparse
-import json
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -20,6 +19,7 @@ import numpy as np
 
 import jaxmm.cli
 from eval import analyze_common as common
+from jaxmm import checkpoint
 from jaxmm.analysis import horizon
 from jaxmm.analysis.capture import Capture
 from jaxmm.data import vqa
@@ -96,7 +96,8 @@ def plot(res: dict, out: Path) -> None:
   ax.set_title("mean |I_l(w)| (2x2 windows)")
   fig.colorbar(im, ax=ax)
   fig.tight_layout()
-  fig.savefig(out / "horizon_heatmap.png", dpi=120)
+  checkpoint.atomic_file(out / "horizon_heatmap.png",
+                         lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
   plt.close(fig)
   fig, ax = plt.subplots(figsize=(6, 3.6))
   for c in cats:
@@ -109,7 +110,8 @@ def plot(res: dict, out: Path) -> None:
   ax.set_ylabel("mean |I_l(w)|")
   ax.legend(fontsize=8)
   fig.tight_layout()
-  fig.savefig(out / "horizon_curves.png", dpi=120)
+  checkpoint.atomic_file(out / "horizon_curves.png",
+                         lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
   plt.close(fig)
 
 
@@ -118,7 +120,7 @@ def run(args) -> int:
   res = analyze(m, rows, pr, args.image_folder, vqa.read_answer_key(args.answer_key), args.tau)
   out = Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
-  (out / "horizon.json").write_text(json.dumps(res, indent=1))
+  checkpoint.write_json(out / "horizon.json", res, indent=1)
   plot(res, out)
   cats = list(res["categories"])
   print(f"{'layer':>5} " + " ".join(f"{c[:10]:>10}" for c in cats) + "   (mean |I_l|)")

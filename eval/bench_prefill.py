@@ -8,7 +8,6 @@ repeated; medians and the ratio jaxmm/torch go to stdout and to `--out` (JSON).
   python -m eval.bench_prefill [--runs 7] [--text-tokens 40] [--out results/bench_prefill.json]
 """
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -18,6 +17,8 @@ from pathlib import Path
 import jax
 import numpy as np
 import torch
+
+from jaxmm import checkpoint
 
 
 def hf_config(cfg):
@@ -95,7 +96,7 @@ def main(argv=None):
   print(f"  torch (eager) {res['torch_median_s'] * 1e3:8.1f} ms")
   print(f"  ratio jaxmm/torch = {res['ratio_jaxmm_over_torch']:.2f}; max |logit diff| = {diff:.2e}")
   Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-  Path(args.out).write_text(json.dumps(res, indent=2))
+  checkpoint.write_json(args.out, res)
   return res
 
 

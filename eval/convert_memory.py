@@ -19,6 +19,7 @@ import tempfile
 from pathlib import Path
 
 from converters import common, llava
+from jaxmm import checkpoint
 
 TIME = "/usr/bin/time"
 
@@ -107,7 +108,7 @@ def main(argv=None) -> int:
   print(f"peak / params     {res['ratio']:8.2f}x   (requirement < 2x: {'ok' if res['ok'] else 'FAIL'})")
   print(f"(peak - import) / params {res['ratio_without_import']:.2f}x")
   Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-  Path(args.out).write_text(json.dumps(res, indent=2))
+  checkpoint.write_json(args.out, res)
   return 0 if res["ok"] else 1
 
 

@@ -3,10 +3,9 @@
 Prints entity-pair P/R/F1, relation accuracy and triple P/R/F1 (percent, means over episodes)
 for each N-way-K-shot setting; `--out` also writes them as JSON.
 """
-import json
-from pathlib import Path
 
 import jaxmm.cli
+from jaxmm import checkpoint
 from jaxmm.data import fewrel
 from jaxmm.errors import JaxmmError
 from jaxmm.mgfte import training
@@ -59,11 +58,10 @@ def run(args) -> int:
                                              buckets=training.parse_buckets(args.length_buckets))
   print(format_table(results))
   if args.out:
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"model": str(args.model), "split": args.split,
+    checkpoint.write_json(args.out, {"model": str(args.model), "split": args.split,
                                           "episodes": args.episodes, "seed": args.seed,
                                           "q": args.q, "variant": mcfg.variant,
-                                          "results": results}, indent=2))
+                                          "results": results})
   return 0
 
 

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxmm.cli
-from jaxmm import api, flops
+from jaxmm import api, checkpoint, flops
 from jaxmm import inputs as inputs_lib
 from jaxmm.errors import InputError
 from jaxmm.models import llama, llava, segments
@@ -293,7 +293,7 @@ def show_kept(m, image_path, text, scheds, out_png, seed) -> Path:
   out_png = Path(out_png)
   out_png.parent.mkdir(parents=True, exist_ok=True)
   fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.85, wspace=0.05)
-  fig.savefig(out_png, dpi=120)
+  checkpoint.atomic_file(out_png, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
   plt.close(fig)
   return out_png
 
@@ -325,11 +325,7 @@ def run(args) -> int:
     if not args.model:
       raise InputError("--show-kept needs --model (a processor to read the image)")
     print(f"kept patches: {show_kept(m, args.show_kept, text, scheds, args.show_out, args.seed)}")
-  out = Path(args.out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  tmp = out.with_suffix(out.suffix + ".tmp")
-  tmp.write_text(json.dumps(res, indent=2))
-  tmp.replace(out)   # atomic
+  out = checkpoint.write_json(args.out, res)
   print(f"wrote {out}")
   return 0
 

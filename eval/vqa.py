@@ -12,7 +12,6 @@ and decode loop compile once. With an answer key (`question_id`, `answer`), exac
 unreadable is reported by id, gets no answer line, and counts as wrong.
 """
 import argparse
-import json
 import sys
 import time
 import uuid
@@ -21,9 +20,10 @@ from pathlib import Path
 from tqdm import tqdm
 
 import jaxmm.cli
-from jaxmm import api
+from jaxmm import api, checkpoint
 from jaxmm.data import vqa
 from jaxmm.errors import InputError
+from jaxmm.pruning import schedule as schedule_lib
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -39,14 +39,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def parse_schedule(text):
-  """The pruning schedule for `generate`: parsed by `jaxmm.pruning.schedule` when it exists."""
-  if text is None:
-    return None
-  try:
-    from jaxmm.pruning import schedule as schedule_lib
-  except ImportError:  # pruning not installed yet: hand the text form through unchanged
-    return text
-  return schedule_lib.parse(text)
+  """The pruning schedule of `--schedule` (None: no pruning)."""
+  return None if text is None else schedule_lib.parse(text)
 
 
 def _load_image(path: Path):
@@ -187,7 +181,7 @@ def run(args) -> int:
   print_scores(res)
   if args.out:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(res, indent=2))
+    checkpoint.write_json(args.out, res)
   return 0
 
 

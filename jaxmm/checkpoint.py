@@ -45,6 +45,27 @@ def atomic_dir(out, overwrite: bool = False):
     shutil.rmtree(old, ignore_errors=True)
 
 
+def atomic_file(path, write) -> Path:
+  """Calls write(tmp) on a temporary sibling of `path`, then renames it into place: a reader
+  never sees a half-written file, and an error leaves the old file (if any) untouched."""
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
+  os.close(fd)
+  try:
+    write(Path(tmp))
+    os.replace(tmp, path)
+  except BaseException:
+    Path(tmp).unlink(missing_ok=True)
+    raise
+  return path
+
+
+def write_json(path, obj, indent: int = 2) -> Path:
+  """`obj` as JSON at `path`, atomically."""
+  return atomic_file(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=indent)))
+
+
 def write_params(folder, params) -> None:
   """Saves a params pytree (numpy or jax arrays) under folder/params with orbax (blocking).
 

@@ -17,6 +17,7 @@ COMMANDS = {
     ("prune-bench",): "eval.prune_bench",
     ("analyze", "ecl"): "eval.analyze_ecl",
     ("analyze", "horizon"): "eval.analyze_horizon",
+    ("analyze", "crossover"): "eval.analyze_crossover",
     ("export",): "converters.export",
     ("train", "vlm"): "train.vlm",
     ("eval", "vqa"): "eval.vqa",

@@ -31,7 +31,6 @@ import math
 import os
 import platform
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
@@ -41,7 +40,7 @@ import jaxmm
 import jaxmm.cli
 from eval import prune_bench
 from eval import vqa as eval_vqa
-from jaxmm import flops
+from jaxmm import checkpoint, flops
 from jaxmm.data import digits_vqa, vqa
 from jaxmm.pruning import schedule as schedule_lib
 from train import vlm
@@ -232,21 +231,6 @@ def print_table(res: dict) -> None:
           f"{r['flops_reduction_pct']:>9.1f}{r['latency_ratio']:>7.2f}")
 
 
-def _atomic(path: Path, write) -> Path:
-  """Calls write(tmp) on a temporary sibling of `path`, then renames it into place."""
-  path = Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-  os.close(fd)
-  try:
-    write(Path(tmp))
-    os.replace(tmp, path)
-  except BaseException:
-    Path(tmp).unlink(missing_ok=True)
-    raise
-  return path
-
-
 def plot(res: dict, path: Path) -> Path:
   """Overall accuracy vs FLOPs reduction, one line per method, the unpruned level dashed."""
   import matplotlib
@@ -268,7 +252,7 @@ def plot(res: dict, path: Path) -> Path:
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
   fig.tight_layout()
-  _atomic(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+  checkpoint.atomic_file(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
   plt.close(fig)
   return Path(path)
 
@@ -290,7 +274,7 @@ def run(args) -> int:
   print_table(res)
   res["wall_s"] = {"total": time.perf_counter() - t0, "model": t_model}
   out = Path(args.results)
-  _atomic(out / "demo.json", lambda tmp: tmp.write_text(json.dumps(res, indent=2)))
+  checkpoint.write_json(out / "demo.json", res)
   print(f"wrote {out / 'demo.json'} and {plot(res, out / 'demo_accuracy_vs_flops.png')}")
   print(f"total wall time {time.perf_counter() - t0:.1f} s (model {t_model:.1f} s, "
         f"eval {res['eval_s']:.1f} s, latency {res['latency_s']:.1f} s)")

@@ -425,11 +425,14 @@ def grounding_loss(cfg: LlavaConfig, tc: TrainConfig, layer_p, h_BxTxD, position
   """Attention supervision of two heads of layer `ground_layer` at each answer-predicting token.
 
   Head 0 looks things up: -log(its attention mass on the relevant tokens, `relevant_tokens`)
-  for cell questions and for presence questions whose digit is there. Head 1 counts: for count
-  questions, cross-entropy to the distribution uniform over the k relevant tokens and the first
-  token (BOS, the sink), so its output is (k v_digit + v_bos) / (k + 1), a monotone code of k
-  (with aux_pool "ink" and one ink patch per cell, k is the answer). All mass on the relevant
-  tokens, as head 0 learns, would make the read-out the same for every k.
+  for every question that has some (cell; count and presence when the digit is there). Head 1
+  counts: for count
+  questions, cross-entropy to the distribution that gives each of the k relevant tokens weight 1
+  and the first token (BOS, the sink) weight G*G, so its output is (k v_digit + G² v_bos) /
+  (k + G²), a monotone code of k (with aux_pool "ink" and one ink patch per cell, k is the
+  answer). All mass on the relevant tokens, as head 0 learns, would make the read-out the same
+  for every k; a sink of weight G² (the most k can be) keeps k/(k+G²) in its near-linear range,
+  where consecutive counts stay apart (a sink of weight 1 squeezes 3, 4, 5 into .75, .8, .83).
 
   Like the probe, this gives the image lookup its own signal instead of one that exists only
   once the question has reached the answer token.
@@ -437,12 +440,12 @@ def grounding_loss(cfg: LlavaConfig, tc: TrainConfig, layer_p, h_BxTxD, position
   g2 = tc.data.grid ** 2
   rel = relevant_tokens(cfg, tc, ids_BxT, key_BxT, cells_BxC, pixels)
   counting = (key_BxT >= g2) & (key_BxT < g2 + 10)
-  lookup = (key_BxT >= 0) & ~counting & rel.any(-1)
+  lookup = (key_BxT >= 0) & rel.any(-1)
   logp0 = _head_log_attention(cfg, layer_p, h_BxTxD, positions_BxT, mask_BxTxS, 0)
   nll = -jax.nn.logsumexp(jnp.where(rel, logp0, -1e30), axis=-1)
   logp1 = _head_log_attention(cfg, layer_p, h_BxTxD, positions_BxT, mask_BxTxS, 1)
   first = (jnp.cumsum(mask_BxTxS, axis=-1) == 1) & mask_BxTxS         # each row's first key
-  tgt = (rel | first).astype(jnp.float32)
+  tgt = rel.astype(jnp.float32) + g2 * first.astype(jnp.float32)
   ce = -(tgt * jnp.where(mask_BxTxS, logp1, 0.0)).sum(-1) / jnp.maximum(tgt.sum(-1), 1.0)
   w0, w1 = lookup.astype(jnp.float32), counting.astype(jnp.float32)
   return ((nll * w0).sum() + (ce * w1).sum()) / jnp.maximum(w0.sum() + w1.sum(), 1.0)

@@ -1,4 +1,4 @@
-"""`analyze ecl` and `analyze horizon` end to end on a tiny random digits LLaVA (2 questions)."""
+"""`analyze ecl`, `analyze horizon` and `analyze crossover` end to end on a tiny random digits LLaVA."""
 import json
 
 import pytest
@@ -48,3 +48,60 @@ def test_analyze_horizon_writes_json_and_pngs(setup):
   assert res["seconds_per_question"] > 0
   for png in ("horizon_heatmap.png", "horizon_curves.png"):
     assert (d / "hz" / png).stat().st_size > 0
+
+
+def test_analyze_crossover_sweeps_layers_against_random(setup):
+  d, model = setup
+  from eval import vqa as eval_vqa
+  args = ["--model", str(model), "--questions", str(d / "q.jsonl"), "--image-folder", str(d),
+          "--answer-key", str(d / "key.jsonl"), "--out", str(d / "cx"), "--method", "fastv",
+          "--keep", "4", "--random-seeds", "2"]
+  assert module_main("eval.analyze_crossover", args) == 0
+  res = json.loads((d / "cx" / "crossover.json").read_text())
+  assert res["layers"] == list(range(1, res["num_layers"])) and res["keep"] == 4
+  ov = res["curves"]["overall"]
+  assert len(ov["method"]) == len(ov["random_mean"]) == len(res["layers"])
+  # Each point is exactly what `eval vqa` scores for that schedule (random: seed s, the
+  # method's positions).
+  k = res["layers"][-1]
+  direct = eval_vqa.evaluate(model, d / "q.jsonl", d, d / "key.jsonl", schedule=f"fastv@{k}:4",
+                             progress=False)
+  assert ov["method"][-1] == direct["overall"]
+  from jaxmm.pruning import schedule as schedule_lib
+  rnd = [eval_vqa.evaluate(model, d / "q.jsonl", d, d / "key.jsonl", progress=False, seed=s,
+                           schedule=schedule_lib.parse(f"random@{k}:4", positions="preserve"))
+         for s in (0, 1)]
+  assert ov["random_mean"][-1] == sum(r["overall"] for r in rnd) / 2
+  assert (d / "cx" / "crossover.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--keep", "0"], "keep"),
+    (["--keep", "999"], "keep"),
+    (["--layers", "0-1"], "layers must lie in"),
+    (["--layers", "two"], "expected 'A-B'"),
+    (["--random-seeds", "0"], "--random-seeds"),
+])
+def test_analyze_crossover_refuses_bad_settings(setup, capsys, args, needle):
+  d, model = setup
+  base = ["--model", str(model), "--questions", str(d / "q.jsonl"), "--image-folder", str(d),
+          "--answer-key", str(d / "key.jsonl"), "--out", str(d / "bad")]
+  assert module_main("eval.analyze_crossover", base + args) == 2
+  assert needle in capsys.readouterr().err
+
+
+def test_crossover_rule():
+  import numpy as np
+  from eval.analyze_crossover import crossover_layer
+  layers = [1, 2, 3, 4, 5]
+  method = [0.9, 0.8, 0.6, 0.5, 0.5]
+  rand = np.array([[0.5, 0.55, 0.58, 0.5, 0.51], [0.5, 0.56, 0.6, 0.5, 0.49]])
+  layer, adv, se = crossover_layer(layers, method, rand, n=400)
+  np.testing.assert_allclose(adv, np.array(method) - rand.mean(0))
+  want_se = np.sqrt(np.array(method) * (1 - np.array(method)) / 400 + rand.var(0, ddof=1) / 2)
+  np.testing.assert_allclose(se, want_se)
+  assert layer == 3                 # +1 point at layer 3 is within 2 se; so are 4 and 5
+  # An advantage that comes back later moves the crossover past it.
+  assert crossover_layer(layers, [0.9, 0.5, 0.5, 0.9, 0.5], rand, 400)[0] == 5
+  # A method ahead to the end has no crossover.
+  assert crossover_layer(layers, [0.9] * 5, rand, 400)[0] is None

@@ -53,8 +53,8 @@ def _rope_np(x_TxK, pos_T, theta):
 
 
 def _grounding_np(run, h_BxTxD, ids, key, cells, pixels):
-  """Head 0: -log attention mass on the relevant ink patches (cell, presence); head 1: cross-
-  entropy to uniform over them and BOS (count). By loops over plain arrays."""
+  """Head 0: -log attention mass on the relevant ink patches (any question); head 1: cross-
+  entropy to weight 1 on each of them and G² on BOS (count). By loops over plain arrays."""
   cfg, p = run.cfg.text, jax.tree.map(np.asarray, run.state["params"]["llm"]["layers"])
   hd, layer, g2 = cfg.head_dim, TC.ground_layer, 4
   pix = np.asarray(pixels)[:, 0]
@@ -71,18 +71,20 @@ def _grounding_np(run, h_BxTxD, ids, key, cells, pixels):
     slots = np.flatnonzero(ids[b] == run.cfg.image_token_id)
     for t in np.flatnonzero(key[b] >= 0):
       kt = key[b, t]
-      head = 1 if g2 <= kt < g2 + 10 else 0
-      q = _rope_np(x @ p["attn"]["q"]["kernel"][layer][:, head * hd:(head + 1) * hd], pos,
-                   cfg.rope_theta)
-      seen = valid & (np.arange(len(valid)) <= t)
-      s = np.where(seen, k @ q[t] / np.sqrt(hd), -np.inf)
-      prob = np.exp(s - s.max()) / np.exp(s - s.max()).sum()
       rel = [slots[j] for j in range(16) if ink[b, j] and (
           patch_cell[j] == kt if kt < g2 else cells[b, patch_cell[j]] == (kt - g2) % 10)]
-      if head == 1:
-        losses.append(-np.log(prob[rel + [0]]).mean())   # slot 0: BOS (right padding)
-      elif rel:
-        losses.append(-np.log(prob[rel].sum()))
+      seen = valid & (np.arange(len(valid)) <= t)
+
+      def attention(head):
+        q = _rope_np(x @ p["attn"]["q"]["kernel"][layer][:, head * hd:(head + 1) * hd], pos,
+                     cfg.rope_theta)
+        s = np.where(seen, k @ q[t] / np.sqrt(hd), -np.inf)
+        return np.exp(s - s.max()) / np.exp(s - s.max()).sum()
+      if rel:                                            # head 0: every lookup
+        losses.append(-np.log(attention(0)[rel].sum()))
+      if g2 <= kt < g2 + 10:                             # head 1: count questions
+        w = np.array([1.0] * len(rel) + [g2])            # slot 0: BOS (right padding), weight G²
+        losses.append(-(w * np.log(attention(1)[rel + [0]])).sum() / w.sum())
   return np.mean(losses)
 
 
