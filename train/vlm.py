@@ -75,7 +75,10 @@ class TrainConfig:
   aux_pool: str = "cell"          # the digit loss reads each cell's mean token, every "token",
                                   # or only the tokens with "ink" (see `aux_logits`)
   ground_layer: int = 2           # the decoder layer (0-based) whose first head is grounded
-  cell_weight: float = 0.0         # weight of the visual tokens' cell probe (see `cell_loss`)
+  count_head: bool = False        # ground head 1 of that layer as a counting head too
+  cell_weight: float = 0.0        # weight of the visual tokens' cell probe (see `cell_loss`)
+  early_weight: float = 0.0       # weight of the early answer read-out (see `early_answer_loss`)
+  early_layer: int = 4            # ... read from the hidden state after this many layers
   rope_theta: float = 10000.0     # decoder RoPE base; a large one leaves more slow, content dims
   seed: int = 0
   ckpt_every: int = 100
@@ -325,6 +328,21 @@ def cell_loss(cfg: LlavaConfig, tc: TrainConfig, head: dict, feats_BxVxD):
   return optax.softmax_cross_entropy_with_integer_labels(h @ head["cell"], labels).mean()
 
 
+def early_answer_loss(cfg: LlavaConfig, llm, h_BxTxD, ids_BxT, key_BxT):
+  """Cross-entropy of the answer read from a middle layer's hidden state through the decoder's
+  own final norm and LM head, at each answer-predicting token (no weights are added).
+
+  Why: the grounded heads of layer `ground_layer` fetch the answer's evidence (the looked-up
+  digit, or the counting head's k / (k + G²) mix); this asks the next layer to turn it into the
+  answer at once, so the read-out of the count gets a gradient over a short path instead of
+  through every later layer.
+  """
+  logits = llama.lm_logits(cfg.text, llm, h_BxTxD[:, :-1])
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, ids_BxT[:, 1:])
+  w = (key_BxT[:, :-1] >= 0).astype(jnp.float32)
+  return (ce * w).sum() / jnp.maximum(w.sum(), 1.0)
+
+
 def probe_loss(cfg: LlavaConfig, head: dict, h_BxTxD, key_BxT):
   """Cross-entropy of a linear probe reading, at each answer-predicting token, what the question
   asks about (the cell, or the digit) from a middle layer's hidden state.
@@ -422,33 +440,34 @@ def relevant_tokens(cfg: LlavaConfig, tc: TrainConfig, ids_BxT, key_BxT, cells_B
 
 def grounding_loss(cfg: LlavaConfig, tc: TrainConfig, layer_p, h_BxTxD, positions_BxT,
                    mask_BxTxS, ids_BxT, key_BxT, cells_BxC, pixels):
-  """Attention supervision of two heads of layer `ground_layer` at each answer-predicting token.
+  """Attention supervision of layer `ground_layer` at each answer-predicting token.
 
   Head 0 looks things up: -log(its attention mass on the relevant tokens, `relevant_tokens`)
-  for every question that has some (cell; count and presence when the digit is there). Head 1
-  counts: for count
-  questions, cross-entropy to the distribution that gives each of the k relevant tokens weight 1
-  and the first token (BOS, the sink) weight G*G, so its output is (k v_digit + G² v_bos) /
-  (k + G²), a monotone code of k (with aux_pool "ink" and one ink patch per cell, k is the
-  answer). All mass on the relevant tokens, as head 0 learns, would make the read-out the same
-  for every k; a sink of weight G² (the most k can be) keeps k/(k+G²) in its near-linear range,
-  where consecutive counts stay apart (a sink of weight 1 squeezes 3, 4, 5 into .75, .8, .83).
+  for every question that has some (cell; count and presence when the digit is there).
+  With `count_head`, head 1 counts: for count questions, cross-entropy to the distribution that
+  gives each of the k relevant tokens weight 1 and the first token (BOS, the sink) weight G², so
+  its output is (k v_digit + G² v_bos) / (k + G²), a monotone code of k (with aux_pool "ink"
+  and one ink patch per cell, k is the answer). All mass on the relevant tokens, as head 0
+  learns, makes the read-out the same for every k; a sink of weight G² (the most k can be)
+  keeps k/(k+G²) in its near-linear range, where consecutive counts stay apart.
 
   Like the probe, this gives the image lookup its own signal instead of one that exists only
   once the question has reached the answer token.
   """
   g2 = tc.data.grid ** 2
   rel = relevant_tokens(cfg, tc, ids_BxT, key_BxT, cells_BxC, pixels)
-  counting = (key_BxT >= g2) & (key_BxT < g2 + 10)
-  lookup = (key_BxT >= 0) & rel.any(-1)
+  lookup = ((key_BxT >= 0) & rel.any(-1)).astype(jnp.float32)
   logp0 = _head_log_attention(cfg, layer_p, h_BxTxD, positions_BxT, mask_BxTxS, 0)
-  nll = -jax.nn.logsumexp(jnp.where(rel, logp0, -1e30), axis=-1)
-  logp1 = _head_log_attention(cfg, layer_p, h_BxTxD, positions_BxT, mask_BxTxS, 1)
-  first = (jnp.cumsum(mask_BxTxS, axis=-1) == 1) & mask_BxTxS         # each row's first key
-  tgt = rel.astype(jnp.float32) + g2 * first.astype(jnp.float32)
-  ce = -(tgt * jnp.where(mask_BxTxS, logp1, 0.0)).sum(-1) / jnp.maximum(tgt.sum(-1), 1.0)
-  w0, w1 = lookup.astype(jnp.float32), counting.astype(jnp.float32)
-  return ((nll * w0).sum() + (ce * w1).sum()) / jnp.maximum(w0.sum() + w1.sum(), 1.0)
+  total = (-jax.nn.logsumexp(jnp.where(rel, logp0, -1e30), axis=-1) * lookup).sum()
+  count = lookup.sum()
+  if tc.count_head:
+    counting = ((key_BxT >= g2) & (key_BxT < g2 + 10)).astype(jnp.float32)
+    logp1 = _head_log_attention(cfg, layer_p, h_BxTxD, positions_BxT, mask_BxTxS, 1)
+    first = (jnp.cumsum(mask_BxTxS, axis=-1) == 1) & mask_BxTxS       # each row's first key
+    tgt = rel.astype(jnp.float32) + g2 * first.astype(jnp.float32)
+    ce = -(tgt * jnp.where(mask_BxTxS, logp1, 0.0)).sum(-1) / jnp.maximum(tgt.sum(-1), 1.0)
+    total, count = total + (ce * counting).sum(), count + counting.sum()
+  return total / jnp.maximum(count, 1.0)
 
 
 def loss_fn(cfg: LlavaConfig, tc: TrainConfig, digit_ids, train, ids_BxT, target_BxT, key_BxT,
@@ -466,7 +485,7 @@ def loss_fn(cfg: LlavaConfig, tc: TrainConfig, digit_ids, train, ids_BxT, target
   x = llava.merge_image_features(cfg, llama.embed(cfg.text, params["llm"], ids_BxT), ids_BxT,
                                  feats)
   slots = jnp.broadcast_to(jnp.arange(x.shape[1]), valid.shape)
-  stack = ("hidden",) if tc.probe_weight or tc.ground_weight else ()
+  stack = ("hidden",) if tc.probe_weight or tc.ground_weight or tc.early_weight else ()
   h, _, *ys = llama.run_layers(cfg.text, params["llm"]["layers"], x,
                                inputs.positions_from_mask(valid), llama.attention_mask(slots, valid),
                                stack=stack)
@@ -479,6 +498,8 @@ def loss_fn(cfg: LlavaConfig, tc: TrainConfig, digit_ids, train, ids_BxT, target
     ground = grounding_loss(cfg, tc, lp, ys[0]["hidden"][tc.ground_layer - 1],
                             inputs.positions_from_mask(valid), llama.attention_mask(slots, valid),
                             ids_BxT, key_BxT, cells_BxC, pixels)
+  early = (early_answer_loss(cfg, params["llm"], ys[0]["hidden"][tc.early_layer - 1], ids_BxT,
+                             key_BxT) if tc.early_weight else jnp.zeros(()))
   logits, labels, w = logits[:, :-1], ids_BxT[:, 1:], target_BxT[:, 1:].astype(jnp.float32)
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
   n = jnp.maximum(w.sum(), 1.0)
@@ -493,9 +514,9 @@ def loss_fn(cfg: LlavaConfig, tc: TrainConfig, digit_ids, train, ids_BxT, target
     aux = aux.mean()
   cell = cell_loss(cfg, tc, train["aux"], feats) if tc.cell_weight else jnp.zeros(())
   total = ((ce * w).sum() / n + tc.aux_weight * aux + tc.probe_weight * probe
-           + tc.ground_weight * ground + tc.cell_weight * cell)
+           + tc.ground_weight * ground + tc.cell_weight * cell + tc.early_weight * early)
   return total, {"answer_token_acc": acc, "aux_loss": aux, "probe_loss": probe,
-                 "ground_loss": ground, "cell_loss": cell}
+                 "ground_loss": ground, "cell_loss": cell, "early_loss": early}
 
 
 def make_train_step(cfg: LlavaConfig, tc: TrainConfig, digit_ids, tx, frozen_llm: bool = False):
@@ -546,10 +567,11 @@ def validate(tc: TrainConfig, cfg: LlavaConfig) -> None:
     raise JaxmmError(f"aux_pool must be 'cell', 'token' or 'ink', got {tc.aux_pool!r}")
   n = cfg.text.num_layers
   for name, on, layer in (("probe", tc.probe_weight, tc.probe_layer),
-                          ("ground", tc.ground_weight, tc.ground_layer)):
+                          ("ground", tc.ground_weight, tc.ground_layer),
+                          ("early", tc.early_weight, tc.early_layer)):
     if on and not 1 <= layer < n:
       raise JaxmmError(f"{name}_layer must be in 1..{n - 1} (it reads a layer's input), got {layer}")
-  if tc.ground_weight and cfg.text.num_heads < 2:
+  if tc.ground_weight and tc.count_head and cfg.text.num_heads < 2:
     raise JaxmmError("ground_weight needs >= 2 decoder heads (a lookup and a counting head)")
 
 

@@ -95,3 +95,22 @@ def test_export_refuses_an_existing_folder_and_a_non_llava_model(exported, tmp_p
   with pytest.raises(JaxmmError, match="writes LLaVA models"):
     export_folder(llama, tmp_path / "x")
   assert not (tmp_path / "x").exists()
+
+
+def test_export_parity_script_on_a_question_file(exported, tmp_path):
+  """`eval.export_parity` compares a model with its export on a LLaVA-format question file."""
+  from PIL import Image
+  m, _ = exported
+  images, items = digits_vqa.make_split(vlm.tiny().data, "test", 2, seed=3)
+  rows = []
+  for i, (img, qa) in enumerate(zip(images, items)):
+    Image.fromarray(img).convert("RGB").save(tmp_path / f"{i}.png")
+    rows += [{"question_id": f"{i}-{c}", "image": f"{i}.png", "text": q} for c, q, _ in qa]
+  (tmp_path / "q.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  args = ["--model", str(m.path), "--questions", str(tmp_path / "q.jsonl"), "--image-folder",
+          str(tmp_path), "--n", "5", "--batch-size", "3", "--out", str(tmp_path / "p.json")]
+  assert module_main("eval.export_parity", args) == 0
+  res = json.loads((tmp_path / "p.json").read_text())
+  assert res["questions"] == 5 and len(res["answers"]) == 5
+  assert res["max_abs_logit_diff"] <= 1e-4
+  assert [a["question_id"] for a in res["answers"]] == [r["question_id"] for r in rows[:5]]

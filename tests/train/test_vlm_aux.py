@@ -14,6 +14,7 @@ from train import vlm
 # 2x2 cells of 2x2 tiles, 8 px tiles = patches: 16 visual tokens, one with ink per cell.
 TC = dataclasses.replace(vlm.tiny(), data=digits_vqa.DigitsVQAConfig(grid=2, cell_px=16, tiles=2),
                          patch_size=8, aux_pool="ink", ground_weight=1.0, ground_layer=1,
+                         count_head=True, early_weight=1.0, early_layer=1,
                          probe_weight=1.0, probe_layer=1, cell_weight=1.0, train_images=8,
                          rope_theta=500.0)
 
@@ -126,7 +127,7 @@ def test_cell_probe_is_near_zero_on_one_hot_cells_and_log_cells_on_nothing():
 
 def test_every_auxiliary_signal_trains_and_is_logged(run):
   recs = [run.step(s) for s in (1, 2)]
-  for name in ("aux_loss", "probe_loss", "ground_loss", "cell_loss"):
+  for name in ("aux_loss", "probe_loss", "ground_loss", "cell_loss", "early_loss"):
     assert all(np.isfinite(r[name]) and r[name] > 0 for r in recs), name
   assert not np.allclose(np.asarray(run.state["aux"]["cell"]), 0)
   assert not np.allclose(np.asarray(run.state["aux"]["probe"]), 0)
@@ -136,9 +137,26 @@ def test_every_auxiliary_signal_trains_and_is_logged(run):
     (dict(aux_pool="mean"), "aux_pool must be"),
     (dict(ground_layer=2), "ground_layer must be in 1..1"),
     (dict(probe_layer=0), "probe_layer must be in 1..1"),
+    (dict(early_layer=2), "early_layer must be in 1..1"),
     (dict(patch_size=32), "grid cells must align with patches"),
 ])
 def test_a_config_the_losses_cannot_use_is_refused_before_any_work(change, match):
   from jaxmm.errors import JaxmmError
   with pytest.raises(JaxmmError, match=match):
     vlm.Run(dataclasses.replace(TC, **change))
+
+
+def test_early_answer_loss_reads_the_answer_through_the_lm_head(run):
+  """At each answer-predicting token (key >= 0) the next token is the answer; by hand."""
+  cfg, llm = run.cfg, run.state["params"]["llm"]
+  rows = np.arange(3)
+  ids, key = run.ids[rows], run.key[rows]
+  h = jax.random.normal(jax.random.key(2), ids.shape + (cfg.text.hidden_size,))
+  got = float(vlm.early_answer_loss(cfg, llm, h, ids, key))
+  logits = np.asarray(llama.lm_logits(cfg.text, llm, h), np.float64)
+  want = []
+  for b, t in zip(*np.nonzero(key >= 0)):
+    z = logits[b, t]
+    want.append(np.log(np.exp(z - z.max()).sum()) + z.max() - z[ids[b, t + 1]])
+  assert len(want) >= 3 * 3                        # every image has 3 categories of questions
+  np.testing.assert_allclose(got, np.mean(want), rtol=1e-5)
