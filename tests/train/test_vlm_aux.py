@@ -14,7 +14,7 @@ from train import vlm
 # 2x2 cells of 2x2 tiles, 8 px tiles = patches: 16 visual tokens, one with ink per cell.
 TC = dataclasses.replace(vlm.tiny(), data=digits_vqa.DigitsVQAConfig(grid=2, cell_px=16, tiles=2),
                          patch_size=8, aux_pool="ink", ground_weight=1.0, ground_layer=1,
-                         count_head=True, early_weight=1.0, early_layer=1,
+                         count_head="sink", early_weight=1.0, early_layer=1,
                          probe_weight=1.0, probe_layer=1, cell_weight=1.0, train_images=8,
                          rope_theta=500.0)
 
@@ -53,9 +53,10 @@ def _rope_np(x_TxK, pos_T, theta):
   return x_TxK * cos + rot * sin
 
 
-def _grounding_np(run, h_BxTxD, ids, key, cells, pixels):
-  """Head 0: -log attention mass on the relevant ink patches (any question); head 1: cross-
-  entropy to weight 1 on each of them and G² on BOS (count). By loops over plain arrays."""
+def _grounding_np(run, h_BxTxD, ids, key, cells, pixels, count_head):
+  """Head 0: -log attention mass on the relevant ink patches; head 1 at count questions: cross-
+  entropy to weight 1 on each of them and G² on BOS ("sink"), or to uniform over every ink
+  patch ("histogram"). By loops over plain arrays."""
   cfg, p = run.cfg.text, jax.tree.map(np.asarray, run.state["params"]["llm"]["layers"])
   hd, layer, g2 = cfg.head_dim, TC.ground_layer, 4
   pix = np.asarray(pixels)[:, 0]
@@ -81,15 +82,20 @@ def _grounding_np(run, h_BxTxD, ids, key, cells, pixels):
                      cfg.rope_theta)
         s = np.where(seen, k @ q[t] / np.sqrt(hd), -np.inf)
         return np.exp(s - s.max()) / np.exp(s - s.max()).sum()
+      counting = g2 <= kt < g2 + 10
       if rel:                                            # head 0: every lookup
         losses.append(-np.log(attention(0)[rel].sum()))
-      if g2 <= kt < g2 + 10:                             # head 1: count questions
+      if counting and count_head == "sink":              # head 1: count questions
         w = np.array([1.0] * len(rel) + [g2])            # slot 0: BOS (right padding), weight G²
         losses.append(-(w * np.log(attention(1)[rel + [0]])).sum() / w.sum())
+      if counting and count_head == "histogram":
+        losses.append(-np.log(attention(1)[slots[ink[b]]]).mean())
   return np.mean(losses)
 
 
-def test_grounding_loss_equals_the_attention_mass_computed_by_hand(run):
+@pytest.mark.parametrize("count_head", ["sink", "histogram", ""])
+def test_grounding_loss_equals_the_attention_mass_computed_by_hand(run, count_head):
+  tc = dataclasses.replace(TC, count_head=count_head)
   rows = np.arange(4)
   ids, key = run.ids[rows], run.key[rows]
   px, cells = run.pixels[rows], run.cells[rows]
@@ -109,8 +115,9 @@ def test_grounding_loss_equals_the_attention_mass_computed_by_hand(run):
   h = ys["hidden"][TC.ground_layer - 1]
   lp = jax.tree.map(lambda a: a[TC.ground_layer], params["llm"]["layers"])
   for fn in (vlm.grounding_loss, jax.jit(vlm.grounding_loss, static_argnums=(0, 1))):
-    got = fn(cfg, TC, lp, h, pos, mask, ids, key, cells, px)
-    np.testing.assert_allclose(got, _grounding_np(run, h, ids, key, cells, px), rtol=2e-5)
+    got = fn(cfg, tc, lp, h, pos, mask, ids, key, cells, px)
+    want = _grounding_np(run, h, ids, key, cells, px, count_head)
+    np.testing.assert_allclose(got, want, rtol=2e-5)
 
 
 def test_cell_probe_is_near_zero_on_one_hot_cells_and_log_cells_on_nothing():
@@ -138,6 +145,7 @@ def test_every_auxiliary_signal_trains_and_is_logged(run):
     (dict(ground_layer=2), "ground_layer must be in 1..1"),
     (dict(probe_layer=0), "probe_layer must be in 1..1"),
     (dict(early_layer=2), "early_layer must be in 1..1"),
+    (dict(count_head="yes"), "count_head must be"),
     (dict(patch_size=32), "grid cells must align with patches"),
 ])
 def test_a_config_the_losses_cannot_use_is_refused_before_any_work(change, match):
@@ -160,3 +168,12 @@ def test_early_answer_loss_reads_the_answer_through_the_lm_head(run):
     want.append(np.log(np.exp(z - z.max()).sum()) + z.max() - z[ids[b, t + 1]])
   assert len(want) >= 3 * 3                        # every image has 3 categories of questions
   np.testing.assert_allclose(got, np.mean(want), rtol=1e-5)
+
+
+@pytest.mark.parametrize("heads, kv_heads, want", [(4, 2, 2), (8, 4, 2), (4, 1, 1), (2, 2, 1)])
+def test_the_counting_head_shares_no_keys_with_the_lookup_head(heads, kv_heads, want):
+  cfg = type("C", (), {"text": type("T", (), {"num_heads": heads, "num_kv_heads": kv_heads})})
+  head = vlm.counting_head(cfg)
+  assert head == want
+  group = heads // kv_heads
+  assert kv_heads == 1 or head // group != 0            # another KV group than head 0's
