@@ -63,6 +63,13 @@ def timing(seconds: list) -> dict:
           "first_question_s": float(s[0]) if len(s) else None}
 
 
+def model_name(path) -> str:
+  """A model's display name: its folder, or the run folder when that is called `model` (as
+  `jaxmm train vlm` writes it)."""
+  p = Path(path)
+  return p.parent.name if p.name == "model" else p.name
+
+
 def pyplot():
   import matplotlib
   matplotlib.use("Agg")

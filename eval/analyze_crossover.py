@@ -164,7 +164,7 @@ def plot(res: dict, path: Path) -> None:
     ax.grid(alpha=0.3)
   np.atleast_1d(axes)[0].set_ylabel(f"accuracy (%), keep {res['keep']}/{res['visual_tokens']}")
   np.atleast_1d(axes)[0].legend(fontsize=7)
-  fig.suptitle(f"{Path(res['model']).name}: {res['method']} vs random, "
+  fig.suptitle(f"{common.model_name(res['model'])}: {res['method']} vs random, "
                f"{res['questions_scored']} questions", fontsize=9)
   fig.tight_layout()
   checkpoint.atomic_file(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))

@@ -93,7 +93,7 @@ def plot(res: dict, out: Path) -> None:
                  extent=(res["layers"][0] - 0.5, res["layers"][-1] + 0.5, len(cats) - 0.5, -0.5))
   ax.set_yticks(range(len(cats)), cats)
   ax.set_xlabel("probe layer l")
-  ax.set_title("mean |I_l(w)| (2x2 windows)")
+  ax.set_title(f"{common.model_name(res['model'])}: mean |I_l(w)| (2x2 windows)", fontsize=9)
   fig.colorbar(im, ax=ax)
   fig.tight_layout()
   checkpoint.atomic_file(out / "horizon_heatmap.png",

@@ -112,7 +112,7 @@ def default() -> TrainConfig:
                      batch_size=8, lr=3e-3, vision_lr_mult=3.0, b2=0.95,
                      pos_init="sincos", aux_weight=1.0, aux_pool="ink", tie_embeddings=True,
                      probe_weight=1.0, ground_weight=1.0, cell_weight=1.0, rope_theta=1e6,
-                     count_head="histogram", early_weight=1.0, steps=2500)
+                     count_head="histogram", early_weight=1.0, steps=3000)
 
 
 def tiny() -> TrainConfig:
