@@ -33,14 +33,21 @@ def add_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--answers-file", required=True, help="where the LLaVA answers JSONL goes")
   p.add_argument("--answer-key", help="JSONL of {question_id, answer[, category]} to score against")
   p.add_argument("--schedule", help="pruning schedule, e.g. 'divprune@0:33%%'")
+  p.add_argument("--positions", choices=("preserve", "compact"),
+                 help="position ids of the kept tokens in every stage (default: each method's own)")
   p.add_argument("--batch-size", type=int, default=16)
   p.add_argument("--max-new-tokens", type=int, default=8)
   p.add_argument("--out", help="write the scores as JSON here")
 
 
-def parse_schedule(text):
-  """The pruning schedule of `--schedule` (None: no pruning)."""
-  return None if text is None else schedule_lib.parse(text)
+def parse_schedule(text, positions=None):
+  """The pruning schedule of `--schedule` (None: no pruning), `positions` overriding the
+  methods' defaults."""
+  if text is None:
+    if positions is not None:
+      raise InputError("--positions needs --schedule")
+    return None
+  return schedule_lib.parse(text, positions=positions)
 
 
 def _load_image(path: Path):
@@ -176,11 +183,13 @@ def print_scores(res: dict) -> None:
 
 
 def run(args) -> int:
-  res = evaluate(args.model, args.questions, args.image_folder, args.answer_key, args.schedule,
+  sched = parse_schedule(args.schedule, args.positions)
+  res = evaluate(args.model, args.questions, args.image_folder, args.answer_key, sched,
                  args.batch_size, args.answers_file, args.max_new_tokens)
+  res["schedule"] = args.schedule
+  res["positions"] = args.positions
   print_scores(res)
   if args.out:
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     checkpoint.write_json(args.out, res)
   return 0
 

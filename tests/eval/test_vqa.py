@@ -97,3 +97,22 @@ def test_malformed_line_names_its_number(model_dir, files, line, msg, capsys):
                                   "--image-folder", str(d), "--answers-file", str(d / "a.jsonl")])
   assert code == 2 and "bad.jsonl:3:" in capsys.readouterr().err
   assert not (d / "a.jsonl").exists()
+
+
+def test_positions_override_reaches_every_stage(model_dir, files, capsys):
+  from jaxmm.pruning import schedule as schedule_lib
+  d, _ = files
+  base = ["--model", str(model_dir), "--questions", str(d / "q.jsonl"), "--image-folder", str(d)]
+  for pos in ("preserve", "compact"):
+    assert module_main("eval.vqa", base + ["--answers-file", str(d / f"{pos}.jsonl"),
+                                           "--schedule", "divprune@0:6", "--positions", pos]) == 0
+    want = eval_vqa.evaluate(model_dir, d / "q.jsonl", d, progress=False,
+                             schedule=schedule_lib.parse("divprune@0:6", positions=pos),
+                             answers_file=d / f"want-{pos}.jsonl")
+    assert want["answered"] == 3
+    texts = lambda f: [json.loads(l)["text"] for l in f.read_text().splitlines()]
+    assert texts(d / f"{pos}.jsonl") == texts(d / f"want-{pos}.jsonl")
+  assert eval_vqa.parse_schedule("divprune@0:6", "preserve")[0].positions == "preserve"
+  assert module_main("eval.vqa", base + ["--answers-file", str(d / "x.jsonl"),
+                                         "--positions", "compact"]) == 2
+  assert "--positions needs --schedule" in capsys.readouterr().err
