@@ -3,6 +3,7 @@
   jaxmm analyze crossover --model M --questions Q.jsonl --image-folder DIR --answer-key KEY
                           --out DIR [--method entropy] [--keep 22%] [--layers 1-7]
                           [--random-seeds 3] [--limit N] [--batch-size 50]
+                          [--max-new-tokens 8]
 
 For every swept layer K it answers the questions twice over: with `METHOD@K:KEEP` and with
 `random@K:KEEP`, the random stage placing its survivors like the method's stage does (same
@@ -40,6 +41,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
                  "method can prune at)")
   p.add_argument("--random-seeds", type=int, default=3, help="random draws per layer")
   p.add_argument("--batch-size", type=int, default=50)
+  p.add_argument("--max-new-tokens", type=int, default=8, help="answer length limit (the demo's "
+                 "one-word answers need 2)")
 
 
 def parse_layers(text: str | None, lowest: int, num_layers: int) -> list[int]:
@@ -77,19 +80,20 @@ def crossover_layer(layers, acc_method, acc_random_RxK, n: int):
   return (layers[after[0]] if after else None), adv, se
 
 
-def sweep(m, questions, image_folder, answer_key, method, keep, layers, seeds, batch) -> dict:
+def sweep(m, questions, image_folder, answer_key, method, keep, layers, seeds, batch,
+          max_new_tokens) -> dict:
   """Accuracies (overall and per category) of the method and of each random draw per layer."""
-  def acc(text, positions, seed):
-    sched = schedule_lib.parse(text, positions=positions)
-    res = eval_vqa.evaluate(m, questions, image_folder, answer_key, schedule=sched,
-                            batch_size=batch, max_new_tokens=2, progress=False, seed=seed)
-    return res
+  def answer(text, positions, seed):
+    return eval_vqa.evaluate(m, questions, image_folder, answer_key,
+                             schedule=schedule_lib.parse(text, positions=positions),
+                             batch_size=batch, max_new_tokens=max_new_tokens, progress=False,
+                             seed=seed)
   rows, n = [], None
   for k in layers:
     stage = f"{method}@{k}:{keep}"
     positions = schedule_lib.parse(stage)[0].positions
-    res = acc(stage, None, 0)
-    rnd = [acc(f"random@{k}:{keep}", positions, s) for s in range(seeds)]
+    res = answer(stage, None, 0)
+    rnd = [answer(f"random@{k}:{keep}", positions, s) for s in range(seeds)]
     n = res["answered"]
     rows.append({"layer": k, "method": _scores(res), "random": [_scores(x) for x in rnd]})
     print(f"  layer {k}: {method} {100 * res['overall']:.1f}%  random "
@@ -116,7 +120,7 @@ def analyze(args) -> dict:
   layers = parse_layers(args.layers, schedule_lib.min_layer(args.method), n_l)
   questions = _limited(args)
   sw = sweep(m, questions, args.image_folder, args.answer_key, args.method, keep, layers,
-             args.random_seeds, args.batch_size)
+             args.random_seeds, args.batch_size, args.max_new_tokens)
   cats = [c for c in sw["rows"][0]["method"] if c != "overall"]
   curves = {}
   for c in ["overall", *cats]:
