@@ -40,11 +40,11 @@ def load(args):
 def captured(m, rows, pr, image_folder, capture: Capture, desc: str):
   """Yields (row, ids i32[1, T], mask [1, T], out with `captured`, seconds) per readable question;
   unreadable images are reported on stderr and skipped."""
-  from eval.vqa import _load_image
+  from eval.vqa import load_image
   texts = [pr.text(r["text"]) for r in rows]
   length = pr.max_length(texts)
   for r, text in tqdm(list(zip(rows, texts)), desc=desc, unit="q"):
-    img, err = _load_image(Path(image_folder) / str(r["image"]))
+    img, err = load_image(Path(image_folder) / str(r["image"]))
     if err:
       print(f"question {r['question_id']}: {err}", file=sys.stderr)
       continue

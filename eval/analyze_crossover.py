@@ -24,7 +24,7 @@ import numpy as np
 import jaxmm.cli
 from eval import analyze_common as common
 from eval import vqa as eval_vqa
-from jaxmm import api, checkpoint
+from jaxmm import checkpoint
 from jaxmm.data import vqa
 from jaxmm.errors import InputError
 from jaxmm.pruning import schedule as schedule_lib
@@ -75,78 +75,67 @@ def crossover_layer(layers, acc_method, acc_random_RxK, n: int):
   r_var = r.var(0, ddof=1) / len(r) if len(r) > 1 else r_mean * (1 - r_mean) / n
   se = np.sqrt(m * (1 - m) / n + r_var)
   adv = m - r_mean
-  clear = adv > 2 * se
-  after = [i for i in range(len(layers)) if not clear[i:].any()]
-  return (layers[after[0]] if after else None), adv, se
+  clear = np.flatnonzero(adv > 2 * se)          # layers where the method is clearly ahead
+  first = clear[-1] + 1 if clear.size else 0
+  return (layers[first] if first < len(layers) else None), adv, se
 
 
-def sweep(m, questions, image_folder, answer_key, method, keep, layers, seeds, batch,
-          max_new_tokens) -> dict:
-  """Accuracies (overall and per category) of the method and of each random draw per layer."""
-  def answer(text, positions, seed):
-    return eval_vqa.evaluate(m, questions, image_folder, answer_key,
-                             schedule=schedule_lib.parse(text, positions=positions),
-                             batch_size=batch, max_new_tokens=max_new_tokens, progress=False,
-                             seed=seed)
-  rows, n = [], None
+def sweep(m, rows, key, image_folder, method, keep, layers, seeds, batch,
+          max_new_tokens) -> list[dict]:
+  """Per layer, the scores (`eval.vqa.score`) of the method and of each random draw."""
+  def scores(text, positions, seed):
+    lines, _, _ = eval_vqa.answer_all(m, rows, image_folder,
+                                      schedule_lib.parse(text, positions=positions), batch,
+                                      max_new_tokens, progress=False, seed=seed)
+    return eval_vqa.score(lines, rows, key)
+  out = []
   for k in layers:
     stage = f"{method}@{k}:{keep}"
     positions = schedule_lib.parse(stage)[0].positions
-    res = answer(stage, None, 0)
-    rnd = [answer(f"random@{k}:{keep}", positions, s) for s in range(seeds)]
-    n = res["answered"]
-    rows.append({"layer": k, "method": _scores(res), "random": [_scores(x) for x in rnd]})
+    res = scores(stage, None, 0)
+    rnd = [scores(f"random@{k}:{keep}", positions, s) for s in range(seeds)]
+    out.append({"layer": k, "method": res, "random": rnd})
     print(f"  layer {k}: {method} {100 * res['overall']:.1f}%  random "
           f"{100 * np.mean([x['overall'] for x in rnd]):.1f}%", flush=True)
-  return {"rows": rows, "scored": n}
+  return out
 
 
-def _scores(res: dict) -> dict:
-  return {"overall": res["overall"], **res["per_category"]}
+def curves(sw: list[dict], layers) -> dict:
+  """Per category (and "overall"): accuracies, random mean and spread, advantage, standard
+  error and crossover layer, each category with its own number of scored questions."""
+  first = sw[0]["method"]
+  out = {}
+  for c in ["overall", *first["per_category"]]:
+    get = (lambda res: res["overall"]) if c == "overall" else (lambda res: res["per_category"][c])
+    n = sum(first["counts"].values()) if c == "overall" else first["counts"][c]
+    a_m = [get(r["method"]) for r in sw]
+    a_r = np.array([[get(x) for x in r["random"]] for r in sw]).T
+    cross, adv, se = crossover_layer(layers, a_m, a_r, n)
+    out[c] = {"questions": n, "method": a_m, "random_mean": a_r.mean(0).tolist(),
+              "random_std": a_r.std(0).tolist(), "advantage": adv.tolist(),
+              "standard_error": se.tolist(), "crossover_layer": cross}
+  return out
 
 
 def analyze(args) -> dict:
-  m = api.load(args.model)
-  if not hasattr(m.config, "num_image_tokens"):
-    raise InputError(f"{args.model}: analyses need a LLaVA-family model, got {m.family}")
   if args.random_seeds < 1:
     raise InputError(f"--random-seeds must be >= 1, got {args.random_seeds}")
-  n_l = m.config.text.num_layers
-  keep = schedule_lib.keep_count(schedule_lib.parse(f"random@1:{args.keep}")[0].keep,
-                                 m.config.num_image_tokens)
-  if not 1 <= keep <= m.config.num_image_tokens:
-    raise InputError(f"--keep {args.keep}: keeps {keep} of {m.config.num_image_tokens} visual "
-                     "tokens; it must keep between 1 and all of them")
+  m, rows, _ = common.load(args)
+  n_vis, n_l = m.config.num_image_tokens, m.config.text.num_layers
+  keep = schedule_lib.keep_count(schedule_lib.parse(f"random@1:{args.keep}")[0].keep, n_vis)
+  if not 1 <= keep <= n_vis:
+    raise InputError(f"--keep {args.keep}: keeps {keep} of {n_vis} visual tokens; it must keep "
+                     "between 1 and all of them")
   layers = parse_layers(args.layers, schedule_lib.min_layer(args.method), n_l)
-  questions = _limited(args)
-  sw = sweep(m, questions, args.image_folder, args.answer_key, args.method, keep, layers,
-             args.random_seeds, args.batch_size, args.max_new_tokens)
-  cats = [c for c in sw["rows"][0]["method"] if c != "overall"]
-  curves = {}
-  for c in ["overall", *cats]:
-    a_m = [r["method"][c] for r in sw["rows"]]
-    a_r = np.array([[x[c] for x in r["random"]] for r in sw["rows"]]).T
-    cross, adv, se = crossover_layer(layers, a_m, a_r, sw["scored"])
-    curves[c] = {"method": a_m, "random_mean": a_r.mean(0).tolist(),
-                 "random_std": a_r.std(0).tolist(), "advantage": adv.tolist(),
-                 "standard_error": se.tolist(), "crossover_layer": cross}
-  return {"model": str(m.path), "method": args.method, "keep": keep,
-          "visual_tokens": m.config.num_image_tokens, "num_layers": n_l, "layers": layers,
-          "random_seeds": args.random_seeds, "questions_scored": sw["scored"],
-          "crossover_layer": curves["overall"]["crossover_layer"], "curves": curves,
+  sw = sweep(m, rows, vqa.read_answer_key(args.answer_key), args.image_folder, args.method, keep,
+             layers, args.random_seeds, args.batch_size, args.max_new_tokens)
+  cv = curves(sw, layers)
+  return {"model": str(m.path), "method": args.method, "keep": keep, "visual_tokens": n_vis,
+          "num_layers": n_l, "layers": layers, "random_seeds": args.random_seeds,
+          "questions_scored": cv["overall"]["questions"],
+          "crossover_layer": cv["overall"]["crossover_layer"], "curves": cv,
           "rule": "first swept layer from which (method - mean random) <= 2 standard errors "
-                  "at every later swept layer", "raw": sw["rows"]}
-
-
-def _limited(args):
-  """The question file, or a temporary copy of its first --limit lines."""
-  if args.limit is None:
-    return args.questions
-  rows = vqa.read_questions(args.questions)[:args.limit]
-  path = Path(args.out) / f"questions_first_{args.limit}.jsonl"
-  path.parent.mkdir(parents=True, exist_ok=True)
-  vqa.write_jsonl(path, rows)
-  return path
+                  "at every later swept layer", "raw": sw}
 
 
 def plot(res: dict, path: Path) -> None:

@@ -31,14 +31,21 @@ def add_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--out", help="JSON results file")
 
 
-def _batch(proc, rows, image_folder):
-  from PIL import Image
+def hf_inputs(proc, images, questions):
+  """(ids, mask, pixel_values) as numpy, left padded: transformers' own chat template and
+  processor applied to PIL `images` and their `questions` (one image per question)."""
+  proc.tokenizer.padding_side = "left"
   texts = [proc.apply_chat_template([{"role": "user", "content": [
-      {"type": "image"}, {"type": "text", "text": r["text"]}]}], add_generation_prompt=True)
-      for r in rows]
-  images = [Image.open(Path(image_folder) / r["image"]).convert("RGB") for r in rows]
+      {"type": "image"}, {"type": "text", "text": q}]}], add_generation_prompt=True)
+      for q in questions]
   enc = proc(images=images, text=texts, padding=True, return_tensors="np")
   return enc["input_ids"], enc["attention_mask"], enc["pixel_values"]
+
+
+def _batch(proc, rows, image_folder):
+  from PIL import Image
+  images = [Image.open(Path(image_folder) / r["image"]).convert("RGB") for r in rows]
+  return hf_inputs(proc, images, [r["text"] for r in rows])
 
 
 def _strip(seq, stop: set) -> list:
@@ -55,7 +62,6 @@ def compare(m, hf_dir: Path, rows, image_folder, batch: int, max_new_tokens: int
   from transformers import AutoProcessor, LlavaForConditionalGeneration
   hf = LlavaForConditionalGeneration.from_pretrained(hf_dir).eval()
   proc = AutoProcessor.from_pretrained(hf_dir)
-  proc.tokenizer.padding_side = "left"
   stop = {m.config.text.pad_token_id, *m.config.text.eos_token_ids}
   max_diff, same, answers = 0.0, 0, []
   for s in range(0, len(rows), batch):

@@ -50,7 +50,7 @@ def parse_schedule(text, positions=None):
   return schedule_lib.parse(text, positions=positions)
 
 
-def _load_image(path: Path):
+def load_image(path: Path):
   """An RGB PIL image, or the reason it cannot be read."""
   from PIL import Image, UnidentifiedImageError
   try:
@@ -104,7 +104,7 @@ def answer_all(model, rows, image_folder, schedule=None, batch_size=16, max_new_
   for i in range(0, len(rows), batch_size):
     chunk, images = [], []
     for r in rows[i:i + batch_size]:
-      img, err = _load_image(Path(image_folder) / str(r["image"]))
+      img, err = load_image(Path(image_folder) / str(r["image"]))
       if err:
         errors.append({"question_id": r["question_id"], "error": err})
         print(f"question {r['question_id']}: {err}", file=sys.stderr)

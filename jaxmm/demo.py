@@ -141,7 +141,7 @@ def timing_batch(m, split: dict, batch: int):
   pr = eval_vqa.Prompter(m)
   length = pr.max_length([pr.text(r["text"]) for r in rows])
   chosen = rows[:batch]
-  images = [eval_vqa._load_image(split["images"] / r["image"])[0] for r in chosen]
+  images = [eval_vqa.load_image(split["images"] / r["image"])[0] for r in chosen]
   return pr.batch(images, [pr.text(r["text"]) for r in chosen], length)
 
 

@@ -74,8 +74,8 @@ class TrainConfig:
   ground_weight: float = 0.0      # weight of the attention grounding loss (see `grounding_loss`)
   aux_pool: str = "cell"          # the digit loss reads each cell's mean token, every "token",
                                   # or only the tokens with "ink" (see `aux_logits`)
-  ground_layer: int = 2           # the decoder layer (0-based) whose first head is grounded
-  count_head: str = ""            # ground head 1 of that layer to count: "sink" or "histogram"
+  ground_layer: int = 2           # the decoder layer (0-based) whose heads are grounded
+  count_head: str = ""            # "histogram": also ground a counting head (`counting_head`)
   cell_weight: float = 0.0        # weight of the visual tokens' cell probe (see `cell_loss`)
   early_weight: float = 0.0       # weight of the early answer read-out (see `early_answer_loss`)
   early_layer: int = 4            # ... read from the hidden state after this many layers
@@ -310,11 +310,16 @@ def optimizer(tc: TrainConfig, frozen_llm: bool) -> optax.GradientTransformation
 
 def init_aux_head(cfg: LlavaConfig, tc: TrainConfig) -> dict:
   """Training-only weights, never saved: a bias over the 10 digits for the per-cell loss (the
-  rest is the LM head) and the question-key probe."""
+  rest is the LM head), the question-key probe and the visual tokens' cell probe."""
   n_keys = tc.data.grid ** 2 + 20
   return {"bias": jnp.zeros((10,)),
           "probe": jnp.zeros((cfg.text.hidden_size, n_keys)),
           "cell": jnp.zeros((cfg.text.hidden_size, tc.data.grid ** 2))}
+
+
+def _unit_rms(x_BxNxD, eps: float):
+  """x / RMS(x) over the last axis: an RMSNorm without its learned scale."""
+  return x_BxNxD * jax.lax.rsqrt(jnp.mean(x_BxNxD ** 2, -1, keepdims=True) + eps)
 
 
 def cell_loss(cfg: LlavaConfig, tc: TrainConfig, head: dict, feats_BxVxD):
@@ -325,8 +330,7 @@ def cell_loss(cfg: LlavaConfig, tc: TrainConfig, head: dict, feats_BxVxD):
   visual tokens must separate cells linearly. The ViT's position codes vary smoothly across a
   cell boundary; this makes "which cell" an explicit, linear feature from the first steps.
   """
-  h = feats_BxVxD * jax.lax.rsqrt(jnp.mean(feats_BxVxD ** 2, -1, keepdims=True)
-                                  + cfg.text.rms_norm_eps)
+  h = _unit_rms(feats_BxVxD, cfg.text.rms_norm_eps)
   labels = jnp.broadcast_to(jnp.asarray(cell_of_patch(tc)), h.shape[:2])
   return optax.softmax_cross_entropy_with_integer_labels(h @ head["cell"], labels).mean()
 
@@ -336,8 +340,8 @@ def early_answer_loss(cfg: LlavaConfig, llm, h_BxTxD, ids_BxT, key_BxT):
   own final norm and LM head, at each answer-predicting token (no weights are added).
 
   Why: the grounded heads of layer `ground_layer` fetch the answer's evidence (the looked-up
-  digit, or the counting head's k / (k + G²) mix); this asks the next layer to turn it into the
-  answer at once, so the read-out of the count gets a gradient over a short path instead of
+  digit, or the counting head's digit histogram); this asks the next layers to turn it into the
+  answer at once, so the read-out of a count gets a gradient over a short path instead of
   through every later layer.
   """
   logits = llama.lm_logits(cfg.text, llm, h_BxTxD[:, :-1])
@@ -355,8 +359,7 @@ def probe_loss(cfg: LlavaConfig, head: dict, h_BxTxD, key_BxT):
   gradient on its own, and training sits at the answer prior. The probe gives the first step
   its own signal; the decoder then only has to learn the lookup.
   """
-  h = h_BxTxD * jax.lax.rsqrt(jnp.mean(h_BxTxD ** 2, -1, keepdims=True) + cfg.text.rms_norm_eps)
-  logits = h @ head["probe"]
+  logits = _unit_rms(h_BxTxD, cfg.text.rms_norm_eps) @ head["probe"]
   w = (key_BxT >= 0).astype(jnp.float32)
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.maximum(key_BxT, 0))
   return (ce * w).sum() / jnp.maximum(w.sum(), 1.0)
@@ -423,7 +426,8 @@ def _head_log_attention(cfg: LlavaConfig, layer_p, h_BxTxD, positions_BxT, mask_
 
 def counting_head(cfg: LlavaConfig) -> int:
   """The head `count_head` grounds: the first of the second KV group, so that it shares no keys
-  and values with the lookup head 0 (head 1 when there is one KV group)."""
+  and values with the lookup head 0 (head 1 when there is one KV group). Sharing them, the
+  lookup (keys that tell digits apart) and the histogram (keys alike for every digit) fight."""
   group = cfg.text.num_heads // cfg.text.num_kv_heads
   return group if cfg.text.num_kv_heads > 1 else 1
 
@@ -460,36 +464,28 @@ def grounding_loss(cfg: LlavaConfig, tc: TrainConfig, layer_p, h_BxTxD, position
 
   Head 0 looks things up: -log(its attention mass on the relevant tokens, `relevant_tokens`)
   for every question that has some (cell; count and presence when the digit is there).
-  With `count_head`, head `counting_head` counts, at count questions: "sink" is cross-entropy to the
-  distribution that gives each of the k relevant tokens weight 1 and the first token (BOS, the
-  sink) weight G², so its output is (k v_digit + G² v_bos) / (k + G²), a monotone code of k
-  (with aux_pool "ink", one ink patch per cell, k is the answer; all mass on the relevant
-  tokens, as head 0 learns, makes the read-out the same for every k). "histogram" is
-  cross-entropy to uniform over the informative tokens (`informative_slots`), whatever the
-  question: its output is the mean of their values, which, with values that code the digit,
-  is the grid's digit histogram / G², a linear code of every count; the layer's gated MLP then
-  reads the asked digit's entry.
+  With count_head "histogram", head `counting_head` is grounded at count questions with the
+  cross-entropy to uniform attention over the informative tokens (`informative_slots`): its
+  output is the mean of their values, which, with values that code the digit, is the grid's
+  digit histogram / G², a linear code of every count; the layer's gated MLP then reads the asked
+  digit's entry. (Grounding it to the relevant tokens plus a BOS sink, so that its output codes
+  k / (k + G²), trained slower and worse; all mass on the relevant tokens, as head 0 learns,
+  gives the same output for every count.)
 
   Like the probe, this gives the image lookup its own signal instead of one that exists only
   once the question has reached the answer token.
   """
   g2 = tc.data.grid ** 2
   rel = relevant_tokens(cfg, tc, ids_BxT, key_BxT, cells_BxC, pixels)
-  counting = (key_BxT >= g2) & (key_BxT < g2 + 10)
   lookup = ((key_BxT >= 0) & rel.any(-1)).astype(jnp.float32)
   logp0 = _head_log_attention(cfg, layer_p, h_BxTxD, positions_BxT, mask_BxTxS, 0)
   total = (-jax.nn.logsumexp(jnp.where(rel, logp0, -1e30), axis=-1) * lookup).sum()
   count = lookup.sum()
   if tc.count_head:
-    counting = counting.astype(jnp.float32)
+    counting = ((key_BxT >= g2) & (key_BxT < g2 + 10)).astype(jnp.float32)
     logp1 = _head_log_attention(cfg, layer_p, h_BxTxD, positions_BxT, mask_BxTxS,
                                 counting_head(cfg))
-    if tc.count_head == "sink":
-      first = (jnp.cumsum(mask_BxTxS, axis=-1) == 1) & mask_BxTxS     # each row's first key
-      tgt = rel.astype(jnp.float32) + g2 * first.astype(jnp.float32)
-    else:
-      tgt = jnp.broadcast_to(informative_slots(cfg, tc, ids_BxT, pixels)[:, None],
-                             mask_BxTxS.shape).astype(jnp.float32)
+    tgt = informative_slots(cfg, tc, ids_BxT, pixels)[:, None].astype(jnp.float32)   # [B, 1, S]
     ce = -(tgt * jnp.where(mask_BxTxS, logp1, 0.0)).sum(-1) / jnp.maximum(tgt.sum(-1), 1.0)
     total, count = total + (ce * counting).sum(), count + counting.sum()
   return total / jnp.maximum(count, 1.0)
@@ -510,18 +506,16 @@ def loss_fn(cfg: LlavaConfig, tc: TrainConfig, digit_ids, train, ids_BxT, target
   x = llava.merge_image_features(cfg, llama.embed(cfg.text, params["llm"], ids_BxT), ids_BxT,
                                  feats)
   slots = jnp.broadcast_to(jnp.arange(x.shape[1]), valid.shape)
+  pos, mask = inputs.positions_from_mask(valid), llama.attention_mask(slots, valid)
   stack = ("hidden",) if tc.probe_weight or tc.ground_weight or tc.early_weight else ()
-  h, _, *ys = llama.run_layers(cfg.text, params["llm"]["layers"], x,
-                               inputs.positions_from_mask(valid), llama.attention_mask(slots, valid),
-                               stack=stack)
+  h, _, *ys = llama.run_layers(cfg.text, params["llm"]["layers"], x, pos, mask, stack=stack)
   logits = llama.lm_logits(cfg.text, params["llm"], h)
   probe = (probe_loss(cfg, train["aux"], ys[0]["hidden"][tc.probe_layer - 1], key_BxT)
            if tc.probe_weight else jnp.zeros(()))
   ground = jnp.zeros(())
   if tc.ground_weight:
     lp = jax.tree.map(lambda a: a[tc.ground_layer], params["llm"]["layers"])
-    ground = grounding_loss(cfg, tc, lp, ys[0]["hidden"][tc.ground_layer - 1],
-                            inputs.positions_from_mask(valid), llama.attention_mask(slots, valid),
+    ground = grounding_loss(cfg, tc, lp, ys[0]["hidden"][tc.ground_layer - 1], pos, mask,
                             ids_BxT, key_BxT, cells_BxC, pixels)
   early = (early_answer_loss(cfg, params["llm"], ys[0]["hidden"][tc.early_layer - 1], ids_BxT,
                              key_BxT) if tc.early_weight else jnp.zeros(()))
@@ -596,8 +590,8 @@ def validate(tc: TrainConfig, cfg: LlavaConfig) -> None:
                           ("early", tc.early_weight, tc.early_layer)):
     if on and not 1 <= layer < n:
       raise JaxmmError(f"{name}_layer must be in 1..{n - 1} (it reads a layer's input), got {layer}")
-  if tc.count_head not in ("", "sink", "histogram"):
-    raise JaxmmError(f"count_head must be '', 'sink' or 'histogram', got {tc.count_head!r}")
+  if tc.count_head not in ("", "histogram"):
+    raise JaxmmError(f"count_head must be '' or 'histogram', got {tc.count_head!r}")
   if tc.ground_weight and tc.count_head and cfg.text.num_heads < 2:
     raise JaxmmError("ground_weight needs >= 2 decoder heads (a lookup and a counting head)")
 
@@ -618,6 +612,7 @@ class Run:
     enc = Encoder(self.tok, self.cfg.num_image_tokens, self.cfg.image_token_id)
     self.ids, self.target, self.key = encode_training_set(enc, items, tc.seed,
                                                           self.tok.pad_token_id, tc.data.grid)
+    # The first of a split (the aux head once drew the second): the measured runs' init.
     key = jax.random.split(jax.random.key(tc.seed))[0]
     params = init_params(self.cfg, key, llm.params if llm else None, tc.pos_init)
     train = {"params": params, "aux": init_aux_head(self.cfg, tc)}
@@ -668,9 +663,7 @@ def _check_same_config(out: Path, tc: TrainConfig, llm_dir) -> None:
   want = {"config": tc.to_dict(), "llm": str(llm_dir) if llm_dir else None}
   if f.exists() and json.loads(f.read_text()) != want:
     raise JaxmmError(f"{out} holds a run with another configuration ({f}); use a new --out")
-  tmp = f.with_suffix(".json.tmp")  # atomic: a kill never leaves a truncated config behind
-  tmp.write_text(json.dumps(want, indent=2))
-  tmp.replace(f)
+  checkpoint.write_json(f, want)   # atomic: a kill never leaves a truncated config behind
 
 
 def train(tc: TrainConfig, out, llm_dir=None, kill_at_step=None, progress=True) -> Path:

@@ -81,19 +81,19 @@ def scan_split(cfg: DigitsVQAConfig, split: str) -> np.ndarray:
 def render(cfg: DigitsVQAConfig, scan_ids_GxG: np.ndarray, tile_GxG=None) -> np.ndarray:
   """uint8[H, W] grayscale grid image (white ink on black, as in the UCI scans).
 
-  tile_GxG: with cfg.tiles > 1, the tile (row-major in its cell) that holds each cell's scan.
+  tile_GxG: the tile (row-major in its cell) that holds each cell's scan; None = tile 0, the
+  only one when cfg.tiles = 1. Scans are upscaled by nearest neighbour to fill their tile.
   """
-  if cfg.tiles > 1:
-    return _render_tiled(cfg, scan_ids_GxG, tile_GxG)
   images, _ = _scans()
-  s = cfg.cell_px // 8
-  cells = images[scan_ids_GxG] * (255.0 / 16.0)                   # [G, G, 8, 8]
-  cells = cells.repeat(s, axis=2).repeat(s, axis=3)               # [G, G, 8s, 8s]
-  lo = (cfg.cell_px - 8 * s) // 2                                  # centre in the cell
-  hi = cfg.cell_px - 8 * s - lo
-  cells = np.pad(cells, ((0, 0), (0, 0), (lo, hi), (lo, hi)))     # [G, G, cell, cell]
-  side = cfg.grid * cfg.cell_px
-  return cells.transpose(0, 2, 1, 3).reshape(side, side).round().astype(np.uint8)
+  t, tile = cfg.tiles, cfg.cell_px // cfg.tiles
+  s = tile // 8                                  # a whole number (`DigitsVQAConfig` checks it)
+  tile_GxG = np.zeros_like(scan_ids_GxG) if tile_GxG is None else tile_GxG
+  out = np.zeros((cfg.image_size, cfg.image_size), np.float32)
+  for (r, c), scan in np.ndenumerate(scan_ids_GxG):
+    y = r * cfg.cell_px + (tile_GxG[r, c] // t) * tile
+    x = c * cfg.cell_px + (tile_GxG[r, c] % t) * tile
+    out[y:y + tile, x:x + tile] = (images[scan] * (255.0 / 16.0)).repeat(s, 0).repeat(s, 1)
+  return out.round().astype(np.uint8)
 
 
 def _pools(cfg: DigitsVQAConfig, split: str) -> dict:
@@ -101,18 +101,6 @@ def _pools(cfg: DigitsVQAConfig, split: str) -> dict:
   _, labels = _scans()
   pool = scan_split(cfg, split)
   return {c: pool[labels[pool] == c] for c in range(10)}
-
-
-def _render_tiled(cfg: DigitsVQAConfig, scan_ids_GxG, tile_GxG) -> np.ndarray:
-  images, _ = _scans()
-  t, tile = cfg.tiles, cfg.cell_px // cfg.tiles
-  s = tile // 8
-  out = np.zeros((cfg.image_size, cfg.image_size), np.float32)
-  for (r, c), scan in np.ndenumerate(scan_ids_GxG):
-    y = r * cfg.cell_px + (tile_GxG[r, c] // t) * tile
-    x = c * cfg.cell_px + (tile_GxG[r, c] % t) * tile
-    out[y:y + 8 * s, x:x + 8 * s] = (images[scan] * (255.0 / 16.0)).repeat(s, 0).repeat(s, 1)
-  return out.round().astype(np.uint8)
 
 
 def sample_grid(cfg: DigitsVQAConfig, pools: dict, rng) -> np.ndarray:

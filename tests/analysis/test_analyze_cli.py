@@ -1,6 +1,7 @@
 """`analyze ecl`, `analyze horizon` and `analyze crossover` end to end on a tiny random digits LLaVA."""
 import json
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -72,6 +73,12 @@ def test_analyze_crossover_sweeps_layers_against_random(setup):
                            schedule=schedule_lib.parse(f"random@{k}:4", positions="preserve"))
          for s in (0, 1)]
   assert ov["random_mean"][-1] == sum(r["overall"] for r in rnd) / 2
+  # Each category's standard error counts that category's questions (1 each here), not all 2.
+  assert ov["questions"] == 2 and res["curves"]["count"]["questions"] == 1
+  c = res["curves"]["count"]
+  p_m, r = c["method"][-1], np.array([x["per_category"]["count"] for x in res["raw"][-1]["random"]])
+  want = np.sqrt(p_m * (1 - p_m) / 1 + r.var(ddof=1) / 2)
+  np.testing.assert_allclose(c["standard_error"][-1], want)
   assert (d / "cx" / "crossover.png").stat().st_size > 0
 
 
@@ -91,7 +98,6 @@ def test_analyze_crossover_refuses_bad_settings(setup, capsys, args, needle):
 
 
 def test_crossover_rule():
-  import numpy as np
   from eval.analyze_crossover import crossover_layer
   layers = [1, 2, 3, 4, 5]
   method = [0.9, 0.8, 0.6, 0.5, 0.5]

@@ -10,6 +10,7 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 import jaxmm
 from converters.cli import convert_folder
 from converters.export import export_folder
+from eval.export_parity import hf_inputs
 from jaxmm.cli import module_main
 from jaxmm.data import digits_vqa
 from jaxmm.errors import JaxmmError
@@ -29,15 +30,10 @@ def exported(tmp_path_factory):
 def _inputs(hf_dir, n=6):
   """Left-padded processor inputs for digits-VQA test questions of every category."""
   from PIL import Image
-  proc = AutoProcessor.from_pretrained(hf_dir)
-  proc.tokenizer.padding_side = "left"
   images, items = digits_vqa.make_split(vlm.tiny().data, "test", n, seed=5)
-  qs = [qa[i % 3][1] for i, qa in enumerate(items)]
-  texts = [proc.apply_chat_template([{"role": "user", "content": [
-      {"type": "image"}, {"type": "text", "text": q}]}], add_generation_prompt=True) for q in qs]
-  enc = proc(images=[Image.fromarray(x).convert("RGB") for x in images], text=texts, padding=True,
-             return_tensors="np")
-  return enc["input_ids"], enc["attention_mask"], enc["pixel_values"]
+  return hf_inputs(AutoProcessor.from_pretrained(hf_dir),
+                   [Image.fromarray(x).convert("RGB") for x in images],
+                   [qa[i % 3][1] for i, qa in enumerate(items)])
 
 
 def test_transformers_logits_and_greedy_answers_match(exported):

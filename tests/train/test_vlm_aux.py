@@ -11,10 +11,12 @@ from jaxmm.data import digits_vqa
 from jaxmm.models import llama, llava
 from train import vlm
 
-# 2x2 cells of 2x2 tiles, 8 px tiles = patches: 16 visual tokens, one with ink per cell.
+# 2x2 cells of 2x2 tiles, 8 px tiles = patches: 16 visual tokens, one with ink per cell. Two KV
+# groups, so the counting head (head 2) reads other keys than the lookup head 0.
 TC = dataclasses.replace(vlm.tiny(), data=digits_vqa.DigitsVQAConfig(grid=2, cell_px=16, tiles=2),
                          patch_size=8, aux_pool="ink", ground_weight=1.0, ground_layer=1,
-                         count_head="sink", early_weight=1.0, early_layer=1,
+                         text_heads=4, text_kv_heads=2,
+                         count_head="histogram", early_weight=1.0, early_layer=1,
                          probe_weight=1.0, probe_layer=1, cell_weight=1.0, train_images=8,
                          rope_theta=500.0)
 
@@ -54,9 +56,9 @@ def _rope_np(x_TxK, pos_T, theta):
 
 
 def _grounding_np(run, h_BxTxD, ids, key, cells, pixels, count_head):
-  """Head 0: -log attention mass on the relevant ink patches; head 1 at count questions: cross-
-  entropy to weight 1 on each of them and G² on BOS ("sink"), or to uniform over every ink
-  patch ("histogram"). By loops over plain arrays."""
+  """Head 0: -log attention mass on the relevant ink patches; with count_head, head 2 (the
+  first of the second KV group) at count questions: cross-entropy to uniform over every ink
+  patch. By loops over plain arrays."""
   cfg, p = run.cfg.text, jax.tree.map(np.asarray, run.state["params"]["llm"]["layers"])
   hd, layer, g2 = cfg.head_dim, TC.ground_layer, 4
   pix = np.asarray(pixels)[:, 0]
@@ -69,7 +71,6 @@ def _grounding_np(run, h_BxTxD, ids, key, cells, pixels, count_head):
     h = np.asarray(h_BxTxD[b], np.float64)
     x = h / np.sqrt((h ** 2).mean(-1, keepdims=True) + cfg.rms_norm_eps)
     x = x * p["attn_norm"]["scale"][layer]
-    k = _rope_np(x @ p["attn"]["k"]["kernel"][layer][:, :hd], pos, cfg.rope_theta)  # 1 KV head
     slots = np.flatnonzero(ids[b] == run.cfg.image_token_id)
     for t in np.flatnonzero(key[b] >= 0):
       kt = key[b, t]
@@ -78,22 +79,22 @@ def _grounding_np(run, h_BxTxD, ids, key, cells, pixels, count_head):
       seen = valid & (np.arange(len(valid)) <= t)
 
       def attention(head):
+        kv = head // (cfg.num_heads // cfg.num_kv_heads)
         q = _rope_np(x @ p["attn"]["q"]["kernel"][layer][:, head * hd:(head + 1) * hd], pos,
+                     cfg.rope_theta)
+        k = _rope_np(x @ p["attn"]["k"]["kernel"][layer][:, kv * hd:(kv + 1) * hd], pos,
                      cfg.rope_theta)
         s = np.where(seen, k @ q[t] / np.sqrt(hd), -np.inf)
         return np.exp(s - s.max()) / np.exp(s - s.max()).sum()
       counting = g2 <= kt < g2 + 10
       if rel:                                            # head 0: every lookup
         losses.append(-np.log(attention(0)[rel].sum()))
-      if counting and count_head == "sink":              # head 1: count questions
-        w = np.array([1.0] * len(rel) + [g2])            # slot 0: BOS (right padding), weight G²
-        losses.append(-(w * np.log(attention(1)[rel + [0]])).sum() / w.sum())
-      if counting and count_head == "histogram":
-        losses.append(-np.log(attention(1)[slots[ink[b]]]).mean())
+      if counting and count_head == "histogram":         # head 2: count questions
+        losses.append(-np.log(attention(2)[slots[ink[b]]]).mean())
   return np.mean(losses)
 
 
-@pytest.mark.parametrize("count_head", ["sink", "histogram", ""])
+@pytest.mark.parametrize("count_head", ["histogram", ""])
 def test_grounding_loss_equals_the_attention_mass_computed_by_hand(run, count_head):
   tc = dataclasses.replace(TC, count_head=count_head)
   rows = np.arange(4)
@@ -145,7 +146,7 @@ def test_every_auxiliary_signal_trains_and_is_logged(run):
     (dict(ground_layer=2), "ground_layer must be in 1..1"),
     (dict(probe_layer=0), "probe_layer must be in 1..1"),
     (dict(early_layer=2), "early_layer must be in 1..1"),
-    (dict(count_head="yes"), "count_head must be"),
+    (dict(count_head="sink"), "count_head must be"),
     (dict(patch_size=32), "grid cells must align with patches"),
 ])
 def test_a_config_the_losses_cannot_use_is_refused_before_any_work(change, match):
