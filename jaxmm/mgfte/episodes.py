@@ -23,6 +23,7 @@ class EpisodeSampler:
     s_ids, s_mask, s_tags  i32[B, N, K, L]    support sentences
     q_ids, q_mask, q_tags  i32[B, N*Q, L]     queries, grouped by class
     q_rel                  i32[B, N*Q]        gold position 0..N-1 of each query's relation
+    s_rows                 i32[B, N, K]       row of each support sentence in `data`
     q_rows                 i32[B, N*Q]        row of each query in `data` (pieces, names)
     classes                i32[B, N]          relation index of each episode position
   """
@@ -61,6 +62,7 @@ class EpisodeSampler:
     out.update({f"q_{name}": getattr(d, name)[q_rows] for name in ("ids", "mask", "tags")})
     out["q_rel"] = np.broadcast_to(np.repeat(np.arange(self.n), self.q),
                                    (self.b, self.n * self.q)).astype(np.int32)
+    out["s_rows"] = s_rows.astype(np.int32)
     out["q_rows"] = q_rows.astype(np.int32)
     out["classes"] = classes.astype(np.int32)
     return out

@@ -157,11 +157,18 @@ def scores(bcfg, cfg: Config, params, batch, *, rng=None, gold_relation: bool):
   mask = jnp.concatenate([batch["s_mask"].reshape(-1, l), batch["q_mask"].reshape(-1, l)])
   h = encode(bcfg, cfg, params["encoder"], ids, mask, rng)
   hs, hq = h[:b * n * k].reshape(b, n, k, l, -1), h[b * n * k:].reshape(b, nq, l, -1)
+  return head_scores(cfg, params["head"], hs, hq, batch, gold_relation=gold_relation)
+
+
+def head_scores(cfg: Config, head, hs, hq, batch, *, gold_relation: bool):
+  """`scores` from the encoder features hs f[B, N, K, L, D] and hq f[B, NQ, L, D]. Each
+  sentence is encoded on its own, so features computed once per sentence and gathered per
+  episode give the same scores (`training.evaluate` relies on it)."""
   p = tag_prototypes(hs, batch["s_tags"], batch["s_mask"], cfg.num_tags)
   if cfg.variant == "baseline":
     return baseline_scores(hs, p, hq, batch["s_mask"], batch["q_mask"])
-  s_hat, q_hat = co_attention(params["head"], p, hq, batch["q_mask"])
-  logits = relation_logits(params["head"], s_hat, q_hat, batch["q_mask"], cfg.pool_mode)
+  s_hat, q_hat = co_attention(head, p, hq, batch["q_mask"])
+  logits = relation_logits(head, s_hat, q_hat, batch["q_mask"], cfg.pool_mode)
   c = batch["q_rel"] if gold_relation else jnp.argmax(logits, -1)
   return logits, entity_emissions(s_hat, q_hat, p, hq, c)
 
@@ -177,10 +184,19 @@ def loss_fn(params, bcfg, cfg: Config, batch, rng):
   return rel_loss + ent_loss, {"relation_loss": rel_loss, "entity_loss": ent_loss}
 
 
+def _decode(head, logits, em, q_mask):
+  b, nq, l, t = em.shape
+  tags = crf_lib.viterbi(head["crf"], em.reshape(b * nq, l, t), q_mask.reshape(b * nq, l))
+  return jnp.argmax(logits, -1).astype(jnp.int32), tags.reshape(b, nq, l)
+
+
 def predict(params, bcfg, cfg: Config, batch):
   """Deterministic decode: (relation i32[B, NQ], tags i32[B, NQ, L])."""
   logits, em = scores(bcfg, cfg, params, batch, gold_relation=False)
-  b, nq, l, t = em.shape
-  tags = crf_lib.viterbi(params["head"]["crf"], em.reshape(b * nq, l, t),
-                         batch["q_mask"].reshape(b * nq, l))
-  return jnp.argmax(logits, -1).astype(jnp.int32), tags.reshape(b, nq, l)
+  return _decode(params["head"], logits, em, batch["q_mask"])
+
+
+def predict_features(head, cfg: Config, hs, hq, batch):
+  """`predict` from encoder features (`encode` without dropout), shaped as in `head_scores`."""
+  logits, em = head_scores(cfg, head, hs, hq, batch, gold_relation=False)
+  return _decode(head, logits, em, batch["q_mask"])

@@ -1,6 +1,7 @@
 """Optimiser, jitted train/predict steps, evaluation and model folders for MG-FTE (§4, §5)."""
-import functools
+import dataclasses
 from pathlib import Path
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -71,22 +72,89 @@ def make_train_step(bcfg, mcfg, tx):
   return step
 
 
-def make_predict(bcfg, mcfg):
-  """A jitted predict(params, batch) -> (relation i32[B, NQ], tags i32[B, NQ, L])."""
-  return jax.jit(functools.partial(model_lib.predict, bcfg=bcfg, cfg=mcfg))
+@dataclasses.dataclass(frozen=True)
+class Predictor:
+  """Jitted evaluation pieces.
+  encode(enc_params, ids i32[n, L], mask i32[n, L]) -> f[n, L, D] (no dropout);
+  decode(head, hs f[1, N, K, L, D], hq f[1, NQ, L, D], batch) -> (relation, tags) as `predict`."""
+  encode: Callable
+  decode: Callable
 
 
-def evaluate(predict, params, data, *, n_way, k_shot, n_query, episodes, seed, buckets=(),
-             desc="eval", progress=True) -> dict:
-  """Mean per-episode scores over `episodes` seeded B = 1 episodes (§5)."""
-  sampler = EpisodeSampler(data, n_way, k_shot, n_query, batch=1, seed=seed)
-  per_episode = []
+def make_predict(bcfg, mcfg) -> Predictor:
+  return Predictor(
+      encode=jax.jit(lambda enc, ids, mask: model_lib.encode(bcfg, mcfg, enc, ids, mask)),
+      decode=jax.jit(lambda head, hs, hq, batch: model_lib.predict_features(head, mcfg, hs, hq,
+                                                                              batch)))
+
+
+def _bucket(longest: int, buckets: tuple, full: int) -> int:
+  return next((b for b in buckets if b >= longest), full)
+
+
+def encode_rows(encode, enc_params, ids_RxL, mask_RxL, buckets=(), chunk=64) -> np.ndarray:
+  """Features f32[R, W, D] of every row (W = the longest row; 0 past each row's end), encoded
+  in length-sorted chunks of `chunk` rows cut to a bucket, so each bucket compiles once."""
+  lengths = mask_RxL.sum(-1)
+  width = int(lengths.max())
+  order = np.argsort(lengths, kind="stable")
+  out = None
+  for i in range(0, len(order), chunk):
+    rows = order[i:i + chunk]
+    cut = _bucket(int(lengths[rows].max()), buckets, ids_RxL.shape[1])
+    padded = np.concatenate([rows, np.repeat(rows[-1:], chunk - len(rows))])
+    h = np.asarray(encode(enc_params, jnp.asarray(ids_RxL[padded, :cut]),
+                          jnp.asarray(mask_RxL[padded, :cut])))[:len(rows)]
+    if out is None:
+      out = np.zeros((len(ids_RxL), width, h.shape[-1]), np.float32)
+    w = min(cut, width)
+    out[rows, :w] = h[:, :w]
+  return out
+
+
+def _fit(x, length: int):
+  """Cut or zero-pad the position axis (-2) to `length`."""
+  if x.shape[-2] >= length:
+    return x[..., :length, :]
+  pad = [(0, 0)] * x.ndim
+  pad[-2] = (0, length - x.shape[-2])
+  return np.pad(x, pad)
+
+
+def predictions(predictor, params, data, *, n_way, k_shot, n_query, episodes, seed, buckets=(),
+                desc="eval", progress=True):
+  """Yields (episode batch, relation i32[NQ], tags i32[NQ, L]) for `episodes` seeded B = 1
+  episodes.
+
+  Every sentence the episodes draw is encoded once (a 10-way-10-shot episode would otherwise
+  re-encode 150 sentences), then each episode is decoded from the gathered features.
+  """
+  draw = lambda: EpisodeSampler(data, n_way, k_shot, n_query, batch=1, seed=seed)
+  sampler = draw()
+  used = np.unique(np.concatenate(
+      [np.concatenate([b["s_rows"].ravel(), b["q_rows"].ravel()])
+       for b in (sampler.sample() for _ in range(episodes))]))
+  feats = encode_rows(predictor.encode, params["encoder"], data.ids[used], data.mask[used],
+                      buckets)
+  index = np.zeros(len(data.ids), np.int64)
+  index[used] = np.arange(len(used))
+  sampler = draw()
   for _ in tqdm(range(episodes), desc=desc, disable=not progress, leave=False):
     batch = sampler.sample()
-    rel, tags = jax.device_get(predict(params, batch=model_inputs(batch, buckets)))
+    inputs = model_inputs(batch, buckets)
+    cut = inputs["q_ids"].shape[-1]
+    hs, hq = (_fit(feats[index[batch[k]]], cut) for k in ("s_rows", "q_rows"))
+    rel, tags = jax.device_get(predictor.decode(params["head"], hs, hq, inputs))
+    yield batch, rel[0], tags[0]
+
+
+def evaluate(predictor, params, data, **kw) -> dict:
+  """Mean per-episode scores (§5); keywords as `predictions`."""
+  per_episode = []
+  for batch, rel, tags in predictions(predictor, params, data, **kw):
     rows = batch["q_rows"][0]
     per_episode.append(metrics.episode_scores(
-        tags[0], rel[0], batch["q_tags"][0], batch["q_rel"][0],
+        tags, rel, batch["q_tags"][0], batch["q_rel"][0],
         [data.pieces[r] for r in rows], [data.names[r] for r in rows]))
   return metrics.mean_scores(per_episode)
 

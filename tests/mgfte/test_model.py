@@ -139,7 +139,7 @@ def test_training_overfits_one_batch():
     losses.append(float(m["loss"]))
   assert all(np.isfinite(losses))
   assert losses[-1] < 0.5 * losses[0]
-  rel, tags = training.make_predict(BCFG, cfg)(params, batch=batch)
+  rel, tags = jax.jit(model_lib.predict, static_argnums=(1, 2))(params, BCFG, cfg, batch)
   assert rel.shape == (B, N * Q) and tags.shape == (B, N * Q, L)
   assert (np.asarray(tags)[np.asarray(batch["q_mask"]) == 0] == 0).all()
 
