@@ -3,11 +3,10 @@
 Example: jaxmm eval digits-da results/cadit/u2m-s0/model --out u2m.json
 """
 import argparse
-import json
-import os
 from pathlib import Path
 
 import jaxmm.cli
+from jaxmm import checkpoint
 from jaxmm.cadit import evaluate, loop
 from jaxmm.data import digits
 
@@ -36,9 +35,7 @@ def run(args) -> int:
   print(f"{'task':<12}{'method':<13}{'target acc':>11}{'source acc':>11}")
   print(f"{task:<12}{cfg.method:<13}{res['target_acc']:>11.4f}{res['source_acc']:>11.4f}")
   if args.out:
-    tmp = Path(args.out).with_name(f".{Path(args.out).name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(res, indent=2))
-    os.replace(tmp, args.out)
+    checkpoint.write_json(args.out, res)
   return 0
 
 

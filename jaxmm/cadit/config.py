@@ -24,6 +24,7 @@ class Config:
   # Networks (§2).
   gen_width: int = 64  # conv7x7-w, then 2w, 4w (8x8), residual blocks of 4w
   gen_blocks: int = 6
+  gen_skip: float = 0.0  # > 0: residual translator tanh(G(x) + gen_skip * x), identity at init
   disc_width: int = 64  # conv4x4 s2 w, 2w, 4w, conv4x4 -> logit
   cls_widths: tuple = (20, 50, 500)  # ADDA LeNet: conv-20, conv-50, FC-500
   dom_width: int = 500  # DANN domain head (ADDA's 500-500 discriminator)

@@ -1,10 +1,11 @@
 """Evaluation of a CADIT/baseline params tree: target accuracy, label-flip rate, translation grid."""
-import os
+
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from jaxmm import checkpoint
 from jaxmm.cadit import steps
 from jaxmm.cadit.config import Config
 
@@ -58,10 +59,5 @@ def grid_image(src_NxHxWx1, fake_NxHxWx1, per_row: int = 4, scale: int = 3) -> I
 
 def write_grid(path, cfg: Config, params, src_NxHxWx1) -> Path:
   """Translates `src` with G_st and writes the pair grid atomically (temp file, then rename)."""
-  path = Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
   img = grid_image(np.asarray(src_NxHxWx1), translate(cfg, params, src_NxHxWx1))
-  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-  img.save(tmp, format="PNG")
-  os.replace(tmp, path)
-  return path
+  return checkpoint.atomic_file(path, lambda tmp: img.save(tmp, format="PNG"))

@@ -9,8 +9,6 @@ A run folder holds:
 A run killed at any point restarts from its last checkpoint with the same data order and RNG.
 """
 import dataclasses
-import json
-import os
 import time
 from pathlib import Path
 
@@ -63,12 +61,6 @@ def _save(ckpt, spec, step, state, streams, wall):
   ckpt.save(step, state, {**spec.meta(), "streams": [s.state() for s in streams], "wall_s": wall})
 
 
-def _atomic_json(path: Path, obj) -> None:
-  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-  tmp.write_text(json.dumps(obj, indent=2))
-  os.replace(tmp, path)
-
-
 def train(spec: RunSpec, source: Domain, target: Domain, out, *, ckpt_every: int = 500,
           grid_every: int = 500, stop_after: int | None = None, fast_compile: bool = False,
           log=print) -> dict | None:
@@ -119,7 +111,7 @@ def finish(spec: RunSpec, source: Domain, target: Domain, out: Path, params, wal
     results["label_flip_rate"] = evaluate.label_flip_rate(cfg, params, source.x_test,
                                                           source.y_test)
   checkpoint.save_model(out / "model", FAMILY, spec.meta(), params, overwrite=True)
-  _atomic_json(out / "results.json", results)
+  checkpoint.write_json(out / "results.json", results)
   return results
 
 

@@ -34,10 +34,15 @@ class ResBlock(nn.Module):
 
 
 class Generator(nn.Module):
-  """CycleGAN/CyCADA-style translator: x_BxHxWxCin -> y_BxHxWxCout in [-1, 1] (tanh)."""
+  """CycleGAN/CyCADA-style translator: x_BxHxWxCin -> y_BxHxWxCout in [-1, 1] (tanh).
+
+  skip > 0: y = tanh(out_conv(h) + skip * x) with out_conv initialised to 0, so the translator
+  starts as (nearly) the identity and learns a residual (needs Cin == Cout).
+  """
   width: int
   blocks: int
   out_channels: int
+  skip: float = 0.0
 
   @nn.compact
   def __call__(self, x):
@@ -54,7 +59,9 @@ class Generator(nn.Module):
       h = nn.ConvTranspose(f, (3, 3), strides=(2, 2), padding=((1, 2), (1, 2)),
                            transpose_kernel=True, name=f"up{i}")(h)
       h = nn.relu(_inorm(f"up{i}_norm")(h))
-    return jnp.tanh(nn.Conv(self.out_channels, (7, 7), padding=_pad(3), name="out_conv")(h))
+    init = nn.initializers.zeros if self.skip else nn.linear.default_kernel_init
+    out = nn.Conv(self.out_channels, (7, 7), padding=_pad(3), kernel_init=init, name="out_conv")(h)
+    return jnp.tanh(out + self.skip * x) if self.skip else jnp.tanh(out)
 
 
 def label_maps(x_BxHxWxC, y_BxK):
@@ -154,7 +161,7 @@ class Nets(NamedTuple):
 
 
 def build(cfg: Config) -> Nets:
-  gen = Generator(cfg.gen_width, cfg.gen_blocks, cfg.channels)
+  gen = Generator(cfg.gen_width, cfg.gen_blocks, cfg.channels, cfg.gen_skip)
   disc = JointDiscriminator(cfg.disc_width, cfg.num_classes, cfg.d_mode)
   cls = LeNet(tuple(cfg.cls_widths), cfg.num_classes)
   return Nets(gen, gen, disc, disc, cls, cls, DomainHead(cfg.dom_width))

@@ -7,10 +7,9 @@ An answer-key line:  {"question_id", "answer"} (+ optional "category"); LLaVA's 
 use other shapes, so the evaluator reads this one small documented shape.
 """
 import json
-import os
-import tempfile
 from pathlib import Path
 
+from jaxmm import checkpoint
 from jaxmm.errors import InputError
 
 QUESTION_FIELDS = ("question_id", "image", "text")
@@ -57,17 +56,8 @@ def read_answer_key(path) -> dict:
 
 def write_jsonl(path, rows) -> None:
   """Writes rows as JSONL atomically (a temporary sibling renamed into place)."""
-  path = Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-  try:
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-      for r in rows:
-        f.write(json.dumps(r) + "\n")
-    os.replace(tmp, path)
-  except BaseException:
-    Path(tmp).unlink(missing_ok=True)
-    raise
+  checkpoint.atomic_file(path, lambda tmp: tmp.write_text(
+      "".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8"))
 
 
 def normalize(answer: str) -> str:

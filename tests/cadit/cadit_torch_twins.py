@@ -19,8 +19,9 @@ class ResBlock(nn.Module):
 
 
 class Generator(nn.Module):
-  def __init__(self, w, blocks, c):
+  def __init__(self, w, blocks, c, skip=0.0):
     super().__init__()
+    self.skip = skip
     self.in_conv, self.in_norm = nn.Conv2d(c, w, 7, padding=3), _inorm(w)
     self.down0, self.down0_norm = nn.Conv2d(w, 2 * w, 3, 2, 1), _inorm(2 * w)
     self.down1, self.down1_norm = nn.Conv2d(2 * w, 4 * w, 3, 2, 1), _inorm(4 * w)
@@ -39,7 +40,7 @@ class Generator(nn.Module):
     for i in range(self.blocks):
       h = getattr(self, f"res{i}")(h)
     h = F.relu(self.up1_norm(self.up1(F.relu(self.up0_norm(self.up0(h))))))
-    return torch.tanh(self.out_conv(h))
+    return torch.tanh(self.out_conv(h) + self.skip * x)
 
 
 class Discriminator(nn.Module):
@@ -99,7 +100,7 @@ class Cadit(nn.Module):
     super().__init__()
     c, k, s = cfg.channels, cfg.num_classes, cfg.image_size
     for role in ("g_st", "g_ts"):
-      setattr(self, role, Generator(cfg.gen_width, cfg.gen_blocks, c))
+      setattr(self, role, Generator(cfg.gen_width, cfg.gen_blocks, c, cfg.gen_skip))
     for role in ("d_t", "d_s"):
       setattr(self, role, Discriminator(cfg.disc_width, k, c, cfg.d_mode, s))
     for role in ("c_s", "c_t"):

@@ -14,8 +14,9 @@ from jaxmm.errors import ConversionError  # noqa: E402
 from cadit_torch_twins import Cadit  # noqa: E402  (tests/cadit is on sys.path)
 
 
-def _cfg(d_mode):
-  return dataclasses.replace(config.tiny(), d_mode=d_mode, gen_width=3, gen_blocks=2)
+def _cfg(d_mode, gen_skip=0.0):
+  return dataclasses.replace(config.tiny(), d_mode=d_mode, gen_width=3, gen_blocks=2,
+                             gen_skip=gen_skip)
 
 
 def _inputs(cfg, n=3):
@@ -43,9 +44,10 @@ def _flax_outputs(cfg, params, x, y):
           "dom": nets.dom.apply({"params": params["dom"]}, feat)}
 
 
-@pytest.mark.parametrize("d_mode", ["concat", "projection", "joint2k"])
-def test_torch_twins_match_and_export_roundtrips(d_mode):
-  cfg = _cfg(d_mode)
+@pytest.mark.parametrize("d_mode,gen_skip", [("concat", 0.0), ("projection", 0.0),
+                                             ("joint2k", 0.0), ("concat", 2.0)])
+def test_torch_twins_match_and_export_roundtrips(d_mode, gen_skip):
+  cfg = _cfg(d_mode, gen_skip)
   torch.manual_seed(0)
   model = Cadit(cfg).eval()
   for m in model.modules():  # non-trivial affine params for instance norm

@@ -107,3 +107,11 @@ def test_unidirectional_keeps_the_source_classifier_frozen():
   after = state["params"]
   before = steps.init_state(cfg, 0)["params"]
   assert _changed(before, after) == {"d_t", "g_st", "c_t"}
+
+
+def test_residual_translator_starts_as_the_identity():
+  cfg = dataclasses.replace(config.tiny(), gen_skip=3.0)
+  params = networks.init_params(cfg, jax.random.key(0))
+  x = np.random.default_rng(0).uniform(-1, 1, (2, 16, 16, 1)).astype(np.float32)
+  y = networks.build(cfg).g_st.apply({"params": params["g_st"]}, x)
+  np.testing.assert_allclose(y, np.tanh(3.0 * x), atol=1e-6)
