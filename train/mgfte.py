@@ -136,11 +136,13 @@ class Run:
     return {"step": step, "data": _fingerprint(batch), **{k: float(v) for k, v in m.items()}}
 
   def _adversarial(self, batch, rng) -> dict:
-    l = batch["s_ids"].shape[-1]
     tgt = self.unlabeled.sample()
+    # exact, as in training.model_inputs: positions past the longest sentence change nothing
+    cut = training.bucket_cut(self.buckets, batch["s_mask"], tgt["mask"])
+    flat = lambda x: x.reshape(-1, x.shape[-1])[:, :cut]
     params, adv, m = self.adv_step(self.state["params"], self.state["adv"],
-                                   batch["s_ids"].reshape(-1, l), batch["s_mask"].reshape(-1, l),
-                                   tgt["ids"], tgt["mask"], rng)
+                                   flat(batch["s_ids"]), flat(batch["s_mask"]),
+                                   flat(tgt["ids"]), flat(tgt["mask"]), rng)
     self.state = {**self.state, "params": params, "adv": adv}
     return m
 

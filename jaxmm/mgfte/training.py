@@ -52,11 +52,15 @@ def model_inputs(batch: dict, buckets: tuple = ()) -> dict:
   each batch to its longest sentence. Each bucket compiles once.
   """
   arrays = {k: batch[k] for k in MODEL_KEYS}
-  longest = max(int(batch["s_mask"].sum(-1).max()), int(batch["q_mask"].sum(-1).max()))
-  cut = next((b for b in buckets if b >= longest), None)
-  if cut is not None:
-    arrays = {k: (v if k == "q_rel" else v[..., :cut]) for k, v in arrays.items()}
+  cut = bucket_cut(buckets, batch["s_mask"], batch["q_mask"])
+  arrays = {k: (v if k == "q_rel" else v[..., :cut]) for k, v in arrays.items()}
   return {k: jnp.asarray(v) for k, v in arrays.items()}
+
+
+def bucket_cut(buckets: tuple, *masks) -> int:
+  """The smallest bucket holding every real token of `masks` (i[..., L]); L if none does."""
+  longest = max(int(m.sum(-1).max()) for m in masks)
+  return _bucket(longest, buckets, masks[0].shape[-1])
 
 
 def make_train_step(bcfg, mcfg, tx):

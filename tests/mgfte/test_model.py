@@ -185,3 +185,23 @@ def test_adversarial_term_reaches_the_encoder_except_in_reference_mode(mode):
   else:
     assert diff(new["encoder"]["layers"], params["encoder"]["layers"]) > 1e-4
   assert np.isfinite(float(m["disc_loss"]))
+
+
+def test_adversarial_step_is_unchanged_by_cutting_padding():
+  """train mgfte cuts the adversarial batch to a length bucket; without dropout (whose masks
+  depend on the shape) the update must equal the one on the full padded length."""
+  bcfg = dataclasses.replace(BCFG, hidden_dropout=0.0, attention_dropout=0.0)
+  params = make_params(model_lib.Config())
+  enc_tx, disc_tx = adversarial.encoder_optimizer(1e-3), adversarial.discriminator_optimizer()
+  adv = adversarial.init_state(jax.random.key(5), params, BCFG.hidden_size, enc_tx, disc_tx)
+  step = adversarial.make_step(bcfg, "inverted", enc_tx, disc_tx)
+  src, tgt = make_batch(5, s_lengths=6), make_batch(6, q_lengths=7)
+  arrays = [src["s_ids"].reshape(-1, L), src["s_mask"].reshape(-1, L),
+            tgt["q_ids"].reshape(-1, L), tgt["q_mask"].reshape(-1, L)]
+  rng = jax.random.key(0, impl="rbg")
+  full, _, _ = step(params, adv, *arrays, rng)
+  cut, _, _ = step(params, adv, *[a[:, :training.bucket_cut((7,), *arrays[1::2])] for a in arrays],
+                   rng)
+  for a, b in zip(jax.tree.leaves(full["encoder"]), jax.tree.leaves(cut["encoder"])):
+    np.testing.assert_allclose(a, b, atol=1e-6)
+  assert training.bucket_cut((7,), *arrays[1::2]) == 7 and training.bucket_cut((5,), arrays[1]) == L
