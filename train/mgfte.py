@@ -1,7 +1,8 @@
 """Train MG-FTE (or the prototype baseline) on FewRel episodes; resumable, best-by-validation.
 
 OUT receives ckpt/ (orbax, resumed automatically when present), log.jsonl (one line per logged
-step) and best/ (the extractor with the best validation triple F1, for `jaxmm eval mgfte`).
+step), best/ (the extractor with the best validation triple F1, for `jaxmm eval mgfte`) and,
+once the run is complete, final/ (the extractor of its last step).
 """
 import argparse
 import hashlib
@@ -208,6 +209,8 @@ def run(args) -> int:
     if args.kill_at_step == step:
       os.kill(os.getpid(), signal.SIGKILL)
   ckpt.close()
+  # The last step's model too: comparisons without model selection (e.g. cross-domain) use it.
+  training.save_extractor(r.out / "final", r.bcfg, r.mcfg, r.state["params"], r.tok_dir)
   print(json.dumps({"best_step": r.meta["best_step"], "best_val_triple_f1": r.meta["best_f1"]}))
   return 0
 

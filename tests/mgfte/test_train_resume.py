@@ -7,11 +7,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
 import jaxmm.cli
+from jaxmm.checkpoint import TrainCheckpointer
 from jaxmm.data import fewrel
+from jaxmm.mgfte import training
 from jaxmm.mgfte.episodes import EpisodeSampler
 from train import mgfte as train_mgfte
 
@@ -48,6 +51,7 @@ def test_killed_run_resumes_with_same_data_order(tmp_path, tokenizer_dir, tokeni
   assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
   before = _steps(out / "log.jsonl")
   assert sorted(before) == [1, 2, 3] and not (out / "best").exists()
+  assert not (out / "final").exists()
 
   resumed = _train(out, tokenizer_dir)
   assert resumed.returncode == 0, resumed.stderr[-2000:]
@@ -63,6 +67,15 @@ def test_killed_run_resumes_with_same_data_order(tmp_path, tokenizer_dir, tokeni
   sampler = EpisodeSampler(train, 2, 2, 2, batch=1, seed=3000)
   assert [after[s]["data"] for s in range(1, STEPS + 1)] == [
       train_mgfte._fingerprint(sampler.sample()) for _ in range(STEPS)]
+
+  # final/ holds the last step's params: the checkpoint of step STEPS
+  _, _, final = training.load_extractor(out / "final")
+  ckpt = TrainCheckpointer(out / "ckpt")
+  step, state, _ = ckpt.restore_latest(None)
+  ckpt.close()
+  assert step == STEPS
+  for a, b in zip(jax.tree.leaves(final), jax.tree.leaves(state["params"])):
+    np.testing.assert_array_equal(a, b)
 
   scores = tmp_path / "scores.json"
   rc = jaxmm.cli.module_main("eval.mgfte", [
