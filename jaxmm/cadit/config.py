@@ -41,6 +41,7 @@ class Config:
   lam_cc: float = 1.0  # ramped 0 -> lam_cc
   lam_pl: float = 1.0  # ramped 0 -> lam_pl
   lam_idt: float = 1.0  # unidirectional identity L1 (§3.4)
+  lam_feat: float = 0.0  # > 0: feature-level adversarial term on C_t (CyCADA-style, §8), bidirectional
   ramp_frac: float = 0.2  # label-conditioning beta and lam_cc/lam_pl ramps span this share of steps
   sp_to_cls: bool = False  # §3.1 flag: let L_cls reach G_st (no stop-gradient)
   # Ablation switches (issue 7, point 2).

@@ -170,8 +170,10 @@ def c_loss(cfg: Config, nets: Nets, params, batch, tr, t, rng):
   _, lam_cc, lam_pl = schedules(cfg, t)
   k_t, k_s = jax.random.split(rng)
   yhat, _, mask = losses.pseudo_labels(tr["q_t"], cfg.tau)
+  feat_terms = {}
   if cfg.bidirectional:
-    l_xt, l_fake_t = logits_of(nets, params, "c_t", batch["xt"], tr["fake_t"], rng=k_t)
+    (l_xt, l_fake_t), feat_terms = _c_t_on_target_and_translations(cfg, nets, params, batch, tr,
+                                                                   t, k_t)
     l_xs, l_fake_s = logits_of(nets, params, "c_s", batch["xs"], tr["fake_s"], rng=k_s)
     cls = losses.cross_entropy(l_fake_t, batch["ys"]) + losses.cross_entropy(l_xs, batch["ys"])
     cc = _consistency(cfg, l_xt, l_fake_s)
@@ -183,8 +185,21 @@ def c_loss(cfg: Config, nets: Nets, params, batch, tr, t, rng):
     cls = losses.cross_entropy(l_fake_t, batch["ys"])
     cc = _consistency(cfg, l_xt, l_idt)
     pl = losses.masked_cross_entropy(l_xt, yhat, mask)
-  total = cls + lam_cc * cc + lam_pl * pl
-  return total, {"loss_c": total, "cls": cls, "pl": pl, "mask_rate": mask.mean()}
+  total = cls + lam_cc * cc + lam_pl * pl + feat_terms.get("feat", 0.0)
+  return total, {"loss_c": total, "cls": cls, "pl": pl, "mask_rate": mask.mean(), **feat_terms}
+
+
+def _c_t_on_target_and_translations(cfg, nets, params, batch, tr, t, rng):
+  """C_t logits on xt and G_st(xs), plus (lam_feat > 0) the feature-level domain term: the DANN
+  head tells C_t's features of translated source (1) from real target (0) through gradient
+  reversal, as CyCADA adds feature-level to pixel-level alignment (spec §8 open question)."""
+  b = len(batch["xt"])
+  logits, feat = classify(nets, params, "c_t", jnp.concatenate([batch["xt"], tr["fake_t"]]), rng)
+  if not cfg.lam_feat:
+    return (logits[:b], logits[b:]), {}
+  lam = cfg.lam_feat * losses.dann_lambda(t, cfg.steps, cfg.dann_gamma)
+  dom = nets.dom.apply({"params": params["dom"]}, grad_reverse(feat, jnp.asarray(lam)))
+  return (logits[:b], logits[b:]), {"feat": losses.domain_loss(dom[b:], dom[:b])}
 
 
 def dann_loss(cfg: Config, nets: Nets, params, batch, t, rng):

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxmm.cadit import config, networks, steps
+from jaxmm.cadit import config, losses, networks, objectives, steps
 
 CFG = config.tiny()
 
@@ -115,3 +115,33 @@ def test_residual_translator_starts_as_the_identity():
   x = np.random.default_rng(0).uniform(-1, 1, (2, 16, 16, 1)).astype(np.float32)
   y = networks.build(cfg).g_st.apply({"params": params["g_st"]}, x)
   np.testing.assert_allclose(y, np.tanh(3.0 * x), atol=1e-6)
+
+
+
+def test_feature_term_reverses_into_the_classifier_and_trains_the_domain_head():
+  """lam_feat adds the domain loss of the DANN head on C_t features (translated source = 1,
+  real target = 0): the head descends it, C_t gets its gradient reversed and scaled by
+  lam = lam_feat * dann_lambda(t); nothing else changes."""
+  cfg = dataclasses.replace(CFG, lam_feat=0.5)
+  nets = networks.build(cfg)
+  params = networks.init_params(cfg, jax.random.key(0, impl="rbg"))
+  batch = _batch(cfg)
+  tr = objectives.translations(cfg, nets, params, batch["xs"], batch["xt"])
+  t, rng = cfg.steps // 2, jax.random.key(1, impl="rbg")
+  grad = lambda c: jax.grad(lambda p: objectives.c_loss(c, nets, p, batch, tr, t, rng)[0])(params)
+  extra = jax.tree.map(lambda a, b: a - b, grad(cfg), grad(CFG))
+
+  def domain_loss(p):  # the same term without reversal, with c_loss's dropout key for C_t
+    k_t, _ = jax.random.split(rng)
+    x = jnp.concatenate([batch["xt"], tr["fake_t"]])
+    dom = nets.dom.apply({"params": p["dom"]}, objectives.classify(nets, p, "c_t", x, k_t)[1])
+    return losses.domain_loss(dom[cfg.batch:], dom[:cfg.batch])
+
+  want = jax.grad(domain_loss)(params)
+  lam = 0.5 * float(losses.dann_lambda(t, cfg.steps, cfg.dann_gamma))
+  assert lam > 0.1 and np.abs(jax.tree.leaves(want["c_t"])[0]).max() > 0
+  for role, scale in (("dom", 1.0), ("c_t", -lam)):
+    for a, b in zip(jax.tree.leaves(extra[role]), jax.tree.leaves(want[role])):
+      np.testing.assert_allclose(a, scale * b, rtol=1e-4, atol=1e-7, err_msg=role)
+  for role in ("c_s", "g_st", "g_ts", "d_t", "d_s"):
+    assert not any(np.abs(a).max() for a in jax.tree.leaves(extra[role])), role
