@@ -121,10 +121,12 @@ def digits() -> Config:
 
 
 def digits_cpu() -> Config:
-  """Narrow translators and a short schedule so one run fits ~20 minutes on 2 shared CPU cores
-  (measured: ~1.8 s per adaptation step, ~80 s compile, ~90 s of pre-training)."""
-  return Config(gen_width=16, gen_blocks=2, disc_width=32, batch=32, steps=500,
-                pretrain_steps=1_000)
+  """Narrow translators and a short schedule for 2 CPU cores, with the three changes that made
+  the short schedule work on USPS->MNIST (seed 0 pilots, README): a residual translator that
+  starts as the identity (gen_skip), LSGAN, and the feature-level term on C_t (lam_feat).
+  1,200 adaptation steps took ~1.1 s each on 2 cores shared with another job."""
+  return Config(gen_width=16, gen_blocks=2, gen_skip=2.0, disc_width=32, gan_loss="lsgan",
+                lam_feat=1.0, batch=32, steps=1_200, pretrain_steps=1_000)
 
 
 def tiny() -> Config:
