@@ -1,5 +1,7 @@
 """Evaluation of a CADIT/baseline params tree: target accuracy, label-flip rate, translation grid."""
 
+import dataclasses
+import json
 from pathlib import Path
 
 import numpy as np
@@ -7,7 +9,7 @@ from PIL import Image
 
 from jaxmm import checkpoint
 from jaxmm.cadit import steps
-from jaxmm.cadit.config import Config
+from jaxmm.cadit.config import PRESETS, Config
 
 
 def _batches(x, batch):
@@ -61,3 +63,38 @@ def write_grid(path, cfg: Config, params, src_NxHxWx1) -> Path:
   """Translates `src` with G_st and writes the pair grid atomically (temp file, then rename)."""
   img = grid_image(np.asarray(src_NxHxWx1), translate(cfg, params, src_NxHxWx1))
   return checkpoint.atomic_file(path, lambda tmp: img.save(tmp, format="PNG"))
+
+
+
+def _preset_and_changes(cfg: dict) -> tuple[str, str]:
+  """The preset closest to `cfg` (same method) and the fields where cfg differs from it."""
+  def diff(name):
+    base = dataclasses.replace(PRESETS[name](), method=cfg["method"]).to_dict()
+    return [f"{k}={cfg[k]}" for k in sorted(cfg) if cfg[k] != base[k]]
+  name = min(sorted(PRESETS), key=lambda n: len(diff(n)))
+  return name, ",".join(diff(name))
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+  """Per-run results grouped by (task, config): mean and std over seeds.
+
+  rows: dicts with "task", "seed", "config" (Config.to_dict()), "target_acc", and optionally
+  "label_flip_rate", "iterations", "wall_s". Each group names its closest preset and the
+  config fields that differ from it ("changes", e.g. an ablation's use_sp=False).
+  std is the sample standard deviation over seeds (ddof=1; 0 for a single seed).
+  """
+  groups: dict[tuple, list[dict]] = {}
+  for r in rows:
+    groups.setdefault((r["task"], json.dumps(r["config"], sort_keys=True)), []).append(r)
+  out = []
+  for (task, cfg), rs in groups.items():
+    preset, changes = _preset_and_changes(json.loads(cfg))
+    acc = np.array([r["target_acc"] for r in rs], np.float64)
+    g = {"task": task, "method": rs[0]["config"]["method"], "preset": preset, "changes": changes,
+         "seeds": sorted(r["seed"] for r in rs), "target_acc_mean": float(acc.mean()),
+         "target_acc_std": float(acc.std(ddof=1)) if len(rs) > 1 else 0.0}
+    for k in ("label_flip_rate", "iterations", "wall_s"):
+      if all(k in r for r in rs):
+        g[f"{k}_mean"] = float(np.mean([r[k] for r in rs]))
+    out.append(g)
+  return out
