@@ -64,8 +64,9 @@ def run(args) -> int:
   for r in runs:
     print(f"{r['task']:<12}{r['method']:<13}{r['seed']!s:>5}{r['target_acc']:>11.4f}"
           f"{r['source_acc']:>11.4f}  {r['model']}")
-  out = runs[0] if len(runs) == 1 else {"runs": runs, "summary": evaluate.summarize(runs)}
+  out = runs[0]
   if len(runs) > 1:
+    out = {"runs": runs, "summary": evaluate.summarize(runs)}
     _print_summary(out["summary"])
   if args.out:
     checkpoint.write_json(args.out, out)

@@ -65,14 +65,14 @@ def write_grid(path, cfg: Config, params, src_NxHxWx1) -> Path:
   return checkpoint.atomic_file(path, lambda tmp: img.save(tmp, format="PNG"))
 
 
-
 def _preset_and_changes(cfg: dict) -> tuple[str, str]:
   """The preset closest to `cfg` (same method) and the fields where cfg differs from it."""
-  def diff(name):
+  diffs = {}
+  for name in sorted(PRESETS):
     base = dataclasses.replace(PRESETS[name](), method=cfg["method"]).to_dict()
-    return [f"{k}={cfg[k]}" for k in sorted(cfg) if cfg[k] != base[k]]
-  name = min(sorted(PRESETS), key=lambda n: len(diff(n)))
-  return name, ",".join(diff(name))
+    diffs[name] = [f"{k}={cfg[k]}" for k in sorted(cfg) if cfg[k] != base[k]]
+  name = min(diffs, key=lambda n: len(diffs[n]))
+  return name, ",".join(diffs[name])
 
 
 def summarize(rows: list[dict]) -> list[dict]:
