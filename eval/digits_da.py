@@ -50,7 +50,9 @@ def _print_summary(groups: list[dict]) -> None:
   print(f"\n{'task':<12}{'method':<13}{'changes':<{max(w, 9)}}{'seeds':>6}{'target acc %':>16}"
         f"{'flip %':>8}{'iters':>7}{'wall s':>8}")
   for g in groups:
-    acc = f"{100 * g['target_acc_mean']:.1f} ± {100 * g['target_acc_std']:.1f}"
+    acc = f"{100 * g['target_acc_mean']:.1f}"
+    if len(g["seeds"]) > 1:  # one seed has no spread to show
+      acc += f" ± {100 * g['target_acc_std']:.1f}"
     flip = f"{100 * g['label_flip_rate_mean']:.1f}" if "label_flip_rate_mean" in g else "-"
     iters = f"{g['iterations_mean']:.0f}" if "iterations_mean" in g else "-"
     wall = f"{g['wall_s_mean']:.0f}" if "wall_s_mean" in g else "-"
