@@ -3,7 +3,7 @@
 # (3 seeds on USPS<->MNIST, 1 on UCI->USPS), then the USPS->MNIST ablations, then the table.
 # Resumable: rerun after a kill; finished runs (results.json present) are skipped, an interrupted
 # one resumes from its last checkpoint. NICE=19 runs it at low priority beside other work.
-#   bash train/cadit_table.sh            # ~3 h on 2 idle CPU cores
+#   bash train/cadit_table.sh            # ~2.5 h on 2 idle CPU cores (10 CADIT runs x 12.7 min)
 set -u
 cd "$(dirname "$0")/.."
 J=${JAXMM:-.venv/bin/jaxmm}
