@@ -32,6 +32,15 @@ def test_summary_groups_seeds_and_names_ablations_by_their_changes():
   assert "label_flip_rate_mean" not in main  # only averaged when every run has it
 
 
+def test_printed_table_shows_a_spread_only_for_several_seeds(capsys):
+  rows = [_row("usps-mnist", 0, 0.80), _row("usps-mnist", 1, 0.90),
+          _row("usps-mnist", 0, 0.60, use_sp="false")]
+  digits_da._print_summary(evaluate.summarize(rows))
+  lines = {ln.split()[2]: ln for ln in capsys.readouterr().out.splitlines()[2:]}
+  assert "85.0 ± 7.1" in lines["-"]  # sample std of .80 .90
+  assert " 60.0 " in lines["use_sp=False"] and "±" not in lines["use_sp=False"]
+
+
 def test_cli_over_two_seeds_recomputes_accuracy_and_reads_run_cost(tmp_path, capsys):
   r = np.random.default_rng(0)
   npz = {}
