@@ -3,7 +3,7 @@
 # (3 seeds on USPS<->MNIST, 1 on UCI->USPS), then the USPS->MNIST ablations, then the table.
 # Resumable: rerun after a kill; finished runs (results.json present) are skipped, an interrupted
 # one resumes from its last checkpoint. NICE=19 runs it at low priority beside other work.
-#   bash train/cadit_table.sh            # ~2.5 h on 2 idle CPU cores (10 CADIT runs x 12.7 min)
+#   bash train/cadit_table.sh            # ~3.5 h on 2 idle CPU cores (10 CADIT runs x ~19 min)
 set -u
 cd "$(dirname "$0")/.."
 J=${JAXMM:-.venv/bin/jaxmm}
@@ -17,8 +17,8 @@ run() {  # task method seed out [--set KEY=VALUE ...]
     --out "$out" "$@" > "$out.log" 2>&1 || { echo "FAILED $out (see $out.log)"; exit 1; }
   echo "$(date +%T) done $out"
 }
-for s in 0 1 2; do
-  for t in usps-mnist mnist-usps; do
+for t in mnist-usps usps-mnist; do
+  for s in 0 1 2; do
     for m in source-only dann cadit; do run $t $m $s "$R/$t-$m-s$s"; done
   done
 done
