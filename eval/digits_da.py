@@ -4,7 +4,9 @@ Examples:
   jaxmm eval digits-da results/cadit/usps-mnist-cadit-s0 --out u2m.json
   jaxmm eval digits-da results/cadit/*-s[012] --out results/cadit_table.json
 With several runs it also prints the mean and std over seeds of each (task, config) group; the
-iterations and wall time come from each run folder's results.json.
+iterations and wall time come from each run folder's results.json. `--markdown` also prints the
+README's tables: methods side by side per task with CADIT's margins, one row per method with each
+seed's accuracy, iterations and wall time, and one row per config variant (ablations).
 """
 import argparse
 import json
@@ -23,6 +25,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--target-npz", help="user .npz replacing the task's target domain")
   parser.add_argument("--source-npz", help="user .npz replacing the task's source domain")
   parser.add_argument("--out", help="write the results as JSON here")
+  parser.add_argument("--markdown", action="store_true", help="also print Markdown tables")
 
 
 def evaluate_run(path: Path, args) -> dict:
@@ -60,6 +63,73 @@ def _print_summary(groups: list[dict]) -> None:
           f"{acc:>16}{flip:>8}{iters:>7}{wall:>8}")
 
 
+TASK_NAMES = {"usps-mnist": "USPS -> MNIST", "mnist-usps": "MNIST -> USPS",
+              "uci-usps": "UCI -> USPS"}
+METHOD_NAMES = {"source-only": "source-only", "dann": "DANN", "cadit": "CADIT"}
+
+
+def _pct(g) -> str:
+  acc = f"{100 * g['target_acc_mean']:.1f}"
+  return acc + (f" ± {100 * g['target_acc_std']:.1f}" if len(g["seeds"]) > 1 else "")
+
+
+def _rows_table(header: list[str], rows: list[list[str]], right_from: int) -> list[str]:
+  rule = ["---" if i < right_from else "---:" for i in range(len(header))]
+  return ["| " + " | ".join(r) + " |" for r in [header, rule, *rows]]
+
+
+def _method_table(summary: list[dict]) -> list[str]:
+  """One row per task (and config changes shared across methods): methods side by side, with
+  CADIT's margins over source-only and DANN."""
+  by_row: dict[tuple, dict] = {}
+  for g in summary:
+    by_row.setdefault((g["task"], g["changes"]), {})[g["method"]] = g
+  rows = []
+  for (task, changes), ms in by_row.items():
+    name = TASK_NAMES.get(task, task) + (f" ({changes})" if changes else "")
+    row = [name, str(max(len(g["seeds"]) for g in ms.values()))]
+    row += [_pct(ms[m]) if m in ms else "-" for m in METHOD_NAMES]
+    c = ms.get("cadit")
+    for m in ("source-only", "dann"):
+      row.append(f"{100 * (c['target_acc_mean'] - ms[m]['target_acc_mean']):+.1f}"
+                 if c and m in ms else "-")
+    row.append(f"{100 * c['label_flip_rate_mean']:.1f}" if c and "label_flip_rate_mean" in c
+               else "-")
+    rows.append(row)
+  header = ["task", "seeds", *METHOD_NAMES.values(), "CADIT - source-only", "CADIT - DANN",
+            "CADIT flip %"]
+  return _rows_table(header, rows, 1)
+
+
+def _by_seed(values: list[str]) -> str:
+  """'a / b / c' in seed order; one value when all seeds agree (e.g. the iterations)."""
+  return values[0] if len(set(values)) == 1 else " / ".join(values)
+
+
+def _per_run_table(runs: list[dict]) -> list[str]:
+  """One row per (task, method, changes): each seed's accuracy and wall time, in seed order."""
+  groups: dict[tuple, list[dict]] = {}
+  for r in runs:
+    changes = evaluate.preset_and_changes(r["config"])[1]
+    groups.setdefault((r["task"], r["config"]["method"], changes), []).append(r)
+  rows = []
+  for (task, method, changes), rs in groups.items():
+    rs = sorted(rs, key=lambda r: r["seed"])
+    rows.append([TASK_NAMES.get(task, task), method + (f" ({changes})" if changes else ""),
+                 " / ".join(f"{100 * r['target_acc']:.2f}" for r in rs),
+                 _by_seed([f"{100 * r['label_flip_rate']:.1f}" if "label_flip_rate" in r
+                           else "-" for r in rs]),
+                 _by_seed([str(r.get("iterations", "-")) for r in rs]),
+                 " / ".join(f"{r['wall_s']:.0f}" if "wall_s" in r else "-" for r in rs)])
+  header = ["task", "method", "target acc % by seed", "flip % by seed", "iterations",
+            "wall s by seed"]
+  return _rows_table(header, rows, 2)
+
+
+def markdown(runs: list[dict], summary: list[dict]) -> str:
+  return "\n".join(_method_table(summary) + [""] + _per_run_table(runs))
+
+
 def run(args) -> int:
   runs = [evaluate_run(Path(m), args) for m in args.model]
   print(f"{'task':<12}{'method':<13}{'seed':>5}{'target acc':>11}{'source acc':>11}  model")
@@ -70,6 +140,8 @@ def run(args) -> int:
   if len(runs) > 1:
     out = {"runs": runs, "summary": evaluate.summarize(runs)}
     _print_summary(out["summary"])
+  if args.markdown:
+    print("\n" + markdown(runs, evaluate.summarize(runs)))
   if args.out:
     checkpoint.write_json(args.out, out)
   return 0

@@ -26,5 +26,5 @@ for m in source-only dann cadit; do run uci-usps $m 0 "$R/uci-usps-$m-s0"; done
 run usps-mnist cadit 0 "$R/abl-no-sp" --set use_sp=false
 run usps-mnist cadit 0 "$R/abl-no-joint" --set joint_adv=false
 run usps-mnist cadit 0 "$R/abl-no-cc" --set use_cc=false
-"$J" eval digits-da "$R"/*-s[012] --out "$R/table.json"
-"$J" eval digits-da "$R"/usps-mnist-cadit-s0 "$R"/abl-no-sp "$R"/abl-no-joint "$R"/abl-no-cc --out "$R/ablations.json"
+"$J" eval digits-da "$R"/*-s[012] --out "$R/table.json" --markdown
+"$J" eval digits-da "$R"/usps-mnist-cadit-s0 "$R"/abl-no-sp "$R"/abl-no-joint "$R"/abl-no-cc --out "$R/ablations.json" --markdown

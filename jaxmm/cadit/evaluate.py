@@ -65,7 +65,7 @@ def write_grid(path, cfg: Config, params, src_NxHxWx1) -> Path:
   return checkpoint.atomic_file(path, lambda tmp: img.save(tmp, format="PNG"))
 
 
-def _preset_and_changes(cfg: dict) -> tuple[str, str]:
+def preset_and_changes(cfg: dict) -> tuple[str, str]:
   """The preset closest to `cfg` (same method) and the fields where cfg differs from it."""
   diffs = {}
   for name in sorted(PRESETS):
@@ -88,7 +88,7 @@ def summarize(rows: list[dict]) -> list[dict]:
     groups.setdefault((r["task"], json.dumps(r["config"], sort_keys=True)), []).append(r)
   out = []
   for (task, cfg), rs in groups.items():
-    preset, changes = _preset_and_changes(json.loads(cfg))
+    preset, changes = preset_and_changes(json.loads(cfg))
     acc = np.array([r["target_acc"] for r in rs], np.float64)
     g = {"task": task, "method": rs[0]["config"]["method"], "preset": preset, "changes": changes,
          "seeds": sorted(r["seed"] for r in rs), "target_acc_mean": float(acc.mean()),

@@ -41,6 +41,22 @@ def test_printed_table_shows_a_spread_only_for_several_seeds(capsys):
   assert " 60.0 " in lines["use_sp=False"] and "±" not in lines["use_sp=False"]
 
 
+def test_markdown_tables_put_methods_side_by_side_with_cadit_margins():
+  rows = [_row("usps-mnist", 1, 0.90), _row("usps-mnist", 0, 0.80),
+          _row("usps-mnist", 0, 0.60, method="source-only"),
+          _row("usps-mnist", 1, 0.70, method="source-only"),
+          _row("usps-mnist", 0, 0.75, method="dann"), _row("usps-mnist", 0, 0.5, use_cc="false")]
+  for r, flip in zip(rows[:2], (0.04, 0.02)):
+    r["label_flip_rate"] = flip
+  lines = digits_da.markdown(rows, evaluate.summarize(rows)).splitlines()
+  assert lines[0].startswith("| task | seeds | source-only | DANN | CADIT |")
+  assert lines[2] == "| USPS -> MNIST | 2 | 65.0 ± 7.1 | 75.0 | 85.0 ± 7.1 | +20.0 | +10.0 | 3.0 |"
+  assert lines[3] == "| USPS -> MNIST (use_cc=False) | 1 | - | - | 50.0 | - | - | - |"
+  per_run = {ln.split(" | ")[1]: ln for ln in lines[5:]}
+  assert per_run["cadit"] == "| USPS -> MNIST | cadit | 80.00 / 90.00 | 2.0 / 4.0 | 2200 | 100 / 200 |"
+  assert per_run["cadit (use_cc=False)"].startswith("| USPS -> MNIST | cadit (use_cc=False) | 50.00 | - |")
+
+
 def test_cli_over_two_seeds_recomputes_accuracy_and_reads_run_cost(tmp_path, capsys):
   r = np.random.default_rng(0)
   npz = {}
@@ -56,7 +72,7 @@ def test_cli_over_two_seeds_recomputes_accuracy_and_reads_run_cost(tmp_path, cap
                         fast_compile=True, log=lambda _: None) for seed in (0, 1)]
   args = argparse.Namespace(model=[str(tmp_path / "r0"), str(tmp_path / "r1" / "model")],
                             task=None, source_npz=str(npz["s"]), target_npz=str(npz["t"]),
-                            out=str(tmp_path / "table.json"))
+                            out=str(tmp_path / "table.json"), markdown=True)
   assert digits_da.run(args) == 0
   out = json.loads((tmp_path / "table.json").read_text())
   for run, want in zip(out["runs"], trained):
@@ -65,4 +81,5 @@ def test_cli_over_two_seeds_recomputes_accuracy_and_reads_run_cost(tmp_path, cap
   (group,) = out["summary"]
   assert group["seeds"] == [0, 1] and group["preset"] == "tiny" and group["changes"] == ""
   assert group["target_acc_mean"] == pytest.approx(np.mean([t["target_acc"] for t in trained]))
-  assert "± " in capsys.readouterr().out
+  printed = capsys.readouterr().out
+  assert "± " in printed and "| task | method | target acc % by seed |" in printed
