@@ -53,9 +53,7 @@ def _print_summary(groups: list[dict]) -> None:
   print(f"\n{'task':<12}{'method':<13}{'changes':<{max(w, 9)}}{'seeds':>6}{'target acc %':>16}"
         f"{'flip %':>8}{'iters':>7}{'wall s':>8}")
   for g in groups:
-    acc = f"{100 * g['target_acc_mean']:.1f}"
-    if len(g["seeds"]) > 1:  # one seed has no spread to show
-      acc += f" ± {100 * g['target_acc_std']:.1f}"
+    acc = _pct(g)
     flip = f"{100 * g['label_flip_rate_mean']:.1f}" if "label_flip_rate_mean" in g else "-"
     iters = f"{g['iterations_mean']:.0f}" if "iterations_mean" in g else "-"
     wall = f"{g['wall_s_mean']:.0f}" if "wall_s_mean" in g else "-"
@@ -69,6 +67,7 @@ METHOD_NAMES = {"source-only": "source-only", "dann": "DANN", "cadit": "CADIT"}
 
 
 def _pct(g) -> str:
+  """Mean target accuracy of a group, with its spread when there are several seeds."""
   acc = f"{100 * g['target_acc_mean']:.1f}"
   return acc + (f" ± {100 * g['target_acc_std']:.1f}" if len(g["seeds"]) > 1 else "")
 
@@ -136,12 +135,13 @@ def run(args) -> int:
   for r in runs:
     print(f"{r['task']:<12}{r['method']:<13}{r['seed']!s:>5}{r['target_acc']:>11.4f}"
           f"{r['source_acc']:>11.4f}  {r['model']}")
+  summary = evaluate.summarize(runs)
   out = runs[0]
   if len(runs) > 1:
-    out = {"runs": runs, "summary": evaluate.summarize(runs)}
-    _print_summary(out["summary"])
+    out = {"runs": runs, "summary": summary}
+    _print_summary(summary)
   if args.markdown:
-    print("\n" + markdown(runs, evaluate.summarize(runs)))
+    print("\n" + markdown(runs, summary))
   if args.out:
     checkpoint.write_json(args.out, out)
   return 0

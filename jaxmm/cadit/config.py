@@ -126,8 +126,8 @@ def digits_cpu() -> Config:
   starts as the identity (gen_skip), LSGAN, and the feature-level term on C_t (lam_feat).
   1,800 adaptation steps: at 1,200 the MNIST->USPS margin over source-only was 9.9 points, and
   CADIT was still improving (README). Measured on 2 otherwise idle cores: a whole CADIT run
-  (1,000 pre-training + 1,800 adaptation steps, ~0.6 s per adaptation step) takes ~1,120 s;
-  DANN ~100 s."""
+  (1,000 pre-training + 1,800 adaptation steps, ~0.6 s per adaptation step) takes 1,090-1,124 s;
+  DANN ~95 s."""
   return Config(gen_width=16, gen_blocks=2, gen_skip=2.0, disc_width=32, gan_loss="lsgan",
                 lam_feat=1.0, batch=32, steps=1_800, pretrain_steps=1_000)
 

@@ -15,6 +15,7 @@ BCFG = bert.Config(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=
 
 @pytest.mark.parametrize("variant", ["mgfte", "baseline"])
 def test_cached_features_give_the_per_episode_predictions(variant, tokenizer, shared_data):
+  shared_data("fewrel", "mgfte", "test.json")
   data = fewrel.load_split(fewrel.SPLITS["test"], tokenizer, max_per_relation=8)
   mcfg = model_lib.Config(variant=variant)
   k1, k2 = jax.random.split(jax.random.key(0))
