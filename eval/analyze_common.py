@@ -75,3 +75,22 @@ def pyplot():
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   return plt
+
+
+def parse_layers(text: str | None, lowest: int, num_layers: int) -> list[int]:
+  """'A-B', 'A,B,...' or a mix ('1-4,8,16') as a sorted list, each in [lowest, num_layers - 1]."""
+  if text is None:
+    return list(range(lowest, num_layers))
+  layers = set()
+  try:
+    for part in text.split(","):
+      a, _, b = part.partition("-")
+      layers.update(range(int(a), int(b or a) + 1))
+  except ValueError:
+    raise InputError(f"--layers {text!r}: expected 'A-B', 'A,B,C' or a mix of them, with "
+                     "integer layers") from None
+  layers = sorted(layers)
+  bad = [k for k in layers if not lowest <= k < num_layers]
+  if not layers or bad:
+    raise InputError(f"--layers {text!r}: layers must lie in [{lowest}, {num_layers - 1}]")
+  return layers

@@ -37,30 +37,12 @@ def add_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--answer-key", required=True, help="answer key JSONL (question_id, answer)")
   p.add_argument("--method", choices=METHODS, default="entropy", help="the method against random")
   p.add_argument("--keep", default="22%", help="visual tokens kept: a count or a percentage")
-  p.add_argument("--layers", help="layers to sweep: 'A-B' or 'A,B,C' (default: every layer the "
-                 "method can prune at)")
+  p.add_argument("--layers", help="layers to sweep: 'A-B', 'A,B,C' or a mix (default: every "
+                 "layer the method can prune at)")
   p.add_argument("--random-seeds", type=int, default=3, help="random draws per layer")
   p.add_argument("--batch-size", type=int, default=50)
   p.add_argument("--max-new-tokens", type=int, default=8, help="answer length limit (the demo's "
                  "one-word answers need 2)")
-
-
-def parse_layers(text: str | None, lowest: int, num_layers: int) -> list[int]:
-  """'A-B' or 'A,B,...' as a sorted list, each in [lowest, num_layers - 1]."""
-  if text is None:
-    return list(range(lowest, num_layers))
-  try:
-    if "-" in text:
-      a, b = (int(x) for x in text.split("-"))
-      layers = list(range(a, b + 1))
-    else:
-      layers = sorted({int(x) for x in text.split(",")})
-  except ValueError:
-    raise InputError(f"--layers {text!r}: expected 'A-B' or 'A,B,C' with integer layers") from None
-  bad = [k for k in layers if not lowest <= k < num_layers]
-  if not layers or bad:
-    raise InputError(f"--layers {text!r}: layers must lie in [{lowest}, {num_layers - 1}]")
-  return layers
 
 
 def crossover_layer(layers, acc_method, acc_random_RxK, n: int):
@@ -126,7 +108,7 @@ def analyze(args) -> dict:
   if not 1 <= keep <= n_vis:
     raise InputError(f"--keep {args.keep}: keeps {keep} of {n_vis} visual tokens; it must keep "
                      "between 1 and all of them")
-  layers = parse_layers(args.layers, schedule_lib.min_layer(args.method), n_l)
+  layers = common.parse_layers(args.layers, schedule_lib.min_layer(args.method), n_l)
   sw = sweep(m, rows, vqa.read_answer_key(args.answer_key), args.image_folder, args.method, keep,
              layers, args.random_seeds, args.batch_size, args.max_new_tokens)
   cv = curves(sw, layers)

@@ -2,10 +2,12 @@
 tokens still changes the probability of the answer's first token (pruning.md §4.1).
 
   jaxmm analyze horizon --model M --questions Q.jsonl --image-folder DIR --answer-key KEY
-                        --out DIR [--tau 0.05] [--limit N]
+                        --out DIR [--tau 0.05] [--limit N] [--layers 1-4,8,16]
 
 Per question: one captured forward (hidden states entering every layer), then per probe layer
-l = 1..L-1 one jitted batch over all windows plus the empty set (`jaxmm.analysis.horizon`).
+l = 1..L-1 (or those of --layers) one jitted batch over all windows plus the empty set
+(`jaxmm.analysis.horizon`). A probe at l runs layers l..L-1, so the whole sweep costs ~L²/2
+layers per window; --layers thins it on deep decoders (it must keep layer 1, the reference).
 y* is the first token of the key's answer, tokenized alone. Per layer and category: mean, std
 and max of I_l(w) and mean |I_l(w)|; the horizon is the first l with mean |I_l| <= tau * mean |I_1|.
 Writes OUT/horizon.json, OUT/horizon_heatmap.png (layer x category) and OUT/horizon_curves.png.
@@ -30,6 +32,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
   common.add_common_args(p)
   p.add_argument("--answer-key", required=True, help="JSONL of {question_id, answer[, category]}")
   p.add_argument("--tau", type=float, default=horizon.TAU, help="horizon threshold (default 0.05)")
+  p.add_argument("--layers", help="probe layers: 'A-B', 'A,B,C' or a mix ('1-4,8,16'); must "
+                 "include 1 (default: every layer 1..L-1)")
 
 
 def first_token(tok, answer: str) -> int:
@@ -48,12 +52,14 @@ def _summary(info_list, layers, tau) -> dict:
           "horizon": horizon.horizon_layer(layers, mean_abs, tau), "questions": len(info_list)}
 
 
-def analyze(m, rows, pr, image_folder, key: dict, tau: float) -> dict:
+def analyze(m, rows, pr, image_folder, key: dict, tau: float, layers=None) -> dict:
   cfg = m.config
   grid = int(round(cfg.num_image_tokens ** 0.5))
   if grid * grid != cfg.num_image_tokens or grid < 2:
     raise InputError(f"{cfg.num_image_tokens} visual tokens are not a square grid")
-  layers = list(range(1, cfg.text.num_layers))
+  layers = list(range(1, cfg.text.num_layers)) if layers is None else list(layers)
+  if 1 not in layers:
+    raise InputError(f"probe layers {layers} must include layer 1: the threshold is relative to it")
   missing = [r["question_id"] for r in rows if r["question_id"] not in key]
   if missing:
     raise InputError(f"answer key has no answer for question(s) {missing[:5]}")
@@ -117,7 +123,9 @@ def plot(res: dict, out: Path) -> None:
 
 def run(args) -> int:
   m, rows, pr = common.load(args)
-  res = analyze(m, rows, pr, args.image_folder, vqa.read_answer_key(args.answer_key), args.tau)
+  layers = common.parse_layers(args.layers, 1, m.config.text.num_layers) if args.layers else None
+  res = analyze(m, rows, pr, args.image_folder, vqa.read_answer_key(args.answer_key), args.tau,
+                layers)
   out = Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   checkpoint.write_json(out / "horizon.json", res, indent=1)

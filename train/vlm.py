@@ -80,6 +80,8 @@ class TrainConfig:
   early_weight: float = 0.0       # weight of the early answer read-out (see `early_answer_loss`)
   early_layer: int = 4            # ... read from the hidden state after this many layers
   rope_theta: float = 10000.0     # decoder RoPE base; a large one leaves more slow, content dims
+  lora_rank: int = 0              # > 0 (with a frozen --llm): LoRA adapters on every attention
+                                  # projection, merged into the saved decoder (see `lora_merge`)
   seed: int = 0
   ckpt_every: int = 100
   log_every: int = 10
@@ -123,11 +125,30 @@ def tiny() -> TrainConfig:
                      ckpt_every=2, log_every=1)
 
 
-PRESETS = {"default": default, "tiny": tiny}
+def smollm2(steps: int = 800) -> TrainConfig:
+  """For `--llm` = the converted SmolLM2-135M-Instruct (frozen, 30 layers of width 576): the
+  default's images and image-side losses, patch 16 (36 visual tokens: each step runs the
+  30-layer decoder forward and backward on 8 conversations, so the sequence is what costs), a
+  ViT of width 128, and LoRA rank 8 on the attention projections, which learn the lookup that
+  the grounding loss asks of head 0 of layer 4 (and the histogram of head 3). No early answer
+  read-out: a pretrained decoder's middle layers are not in the LM head's basis.
+  """
+  return dataclasses.replace(default(), patch_size=16, vision_width=128, vision_heads=4,
+                             lr=1e-3, probe_layer=4, ground_layer=4, early_weight=0.0,
+                             lora_rank=8, steps=steps, ckpt_every=50)
+
+
+PRESETS = {"default": default, "smollm2": smollm2, "tiny": tiny}
+
+
+# Fields added after models were cached: they enter the fingerprint only when not at their
+# default, so a cached model of an unchanged preset stays valid.
+_LATER_FIELDS = {"lora_rank": 0}
 
 
 def fingerprint(tc: TrainConfig) -> str:
-  return hashlib.sha1(json.dumps(tc.to_dict(), sort_keys=True).encode()).hexdigest()[:10]
+  d = {k: v for k, v in tc.to_dict().items() if _LATER_FIELDS.get(k, object()) != v}
+  return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
 
 
 # ---- model ---------------------------------------------------------------------------------------
@@ -146,6 +167,8 @@ def model_config(tc: TrainConfig, tok, text: LlamaConfig | None = None) -> Llava
                        bos_token_id=tok.bos_token_id, eos_token_ids=(tok.eos_token_id,),
                        pad_token_id=tok.pad_token_id, tie_word_embeddings=tc.tie_embeddings,
                        rope_theta=tc.rope_theta)
+  elif text.pad_token_id is None:  # padding is masked by id: use the tokenizer's (EOS)
+    text = dataclasses.replace(text, pad_token_id=tok.pad_token_id)
   # The last ViT layer feeds the projector: trained from scratch, no layer is "too specific".
   return LlavaConfig(vision=vision, text=text, image_token_id=tok.convert_tokens_to_ids("<image>"),
                      vision_feature_layer=-1)
@@ -213,6 +236,29 @@ def init_params(cfg: LlavaConfig, key, llm_params=None, pos_init: str = "random"
           "llm": llm_params if llm_params is not None else init_text(cfg.text, k_t)}
 
 
+def init_lora(layers: dict, rank: int, key) -> dict:
+  """LoRA factors of every attention projection of a stacked decoder:
+  {name: {"a": f[L, D_in, r], "b": f[L, r, D_out]}} for q, k, v, o.
+
+  `b` starts at zero, so training starts from the pretrained decoder exactly; `a` is drawn with
+  variance 1 / D_in, so a@b moves at the scale of the inputs.
+  """
+  out = {}
+  for name, k in zip(("q", "k", "v", "o"), jax.random.split(key, 4)):
+    n, d_in, d_out = layers["attn"][name]["kernel"].shape
+    out[name] = {"a": jax.random.normal(k, (n, d_in, rank)) * d_in ** -0.5,
+                 "b": jnp.zeros((n, rank, d_out))}
+  return out
+
+
+def lora_merge(layers: dict, lora: dict) -> dict:
+  """The stacked decoder layers with each adapted kernel W replaced by W + a @ b."""
+  attn = {name: {**p, "kernel": p["kernel"] + jnp.einsum("lir,lro->lio", lora[name]["a"],
+                                                         lora[name]["b"])}
+          if name in lora else p for name, p in layers["attn"].items()}
+  return {**layers, "attn": attn}
+
+
 # ---- data ----------------------------------------------------------------------------------------
 
 def pixel_values(images_NxHxW: np.ndarray) -> np.ndarray:
@@ -224,8 +270,9 @@ def pixel_values(images_NxHxW: np.ndarray) -> np.ndarray:
 class Encoder:
   """Conversations -> token ids through the model's tokenizer, segment by segment (cached).
 
-  Segments are split where the chat template puts whitespace, so for the word-level tokenizer
-  the ids equal those of the templated text; `prompt` is exactly what the processor produces.
+  Segments are split where the chat template puts whitespace and keep it, so the ids equal
+  those of the templated text for the word-level tokenizer and for a byte-level BPE (pre-split
+  before each space); `prompt` is exactly what the processor produces.
   """
 
   def __init__(self, tok, num_image_tokens: int, image_token_id: int):
@@ -238,8 +285,10 @@ class Encoder:
     return self._cache[text]
 
   def prompt(self, question: str, first: bool = True) -> list:
-    head = self._ids("USER:") + self.image if first else self._ids("USER:")
-    return head + self._ids(question) + self._ids("ASSISTANT:")
+    # Segments keep the whitespace the template puts before them: a byte-level BPE (SmolLM2's)
+    # codes " What" and "What" differently; the word tokenizer ignores it.
+    head = self._ids("USER:") + self._ids(" ") + self.image if first else self._ids("USER:")
+    return head + self._ids(" " + question) + self._ids(" ASSISTANT:")
 
   def conversation(self, turns, keys=None) -> tuple[list, list, list]:
     """(ids, is_target, key) for [(question, answer), ...]: targets are answer tokens and EOS;
@@ -286,7 +335,7 @@ def encode_training_set(enc: Encoder, items, seed: int, pad_id: int, grid: int):
 def optimizer(tc: TrainConfig, frozen_llm: bool) -> optax.GradientTransformation:
   """AdamW with clipping over {"params": LLaVA params, "aux": auxiliary head}.
 
-  The decoder trains at `lr` (or not at all when frozen); the vision tower, projector and
+  The decoder (or, frozen, its LoRA adapters) trains at `lr`; the vision tower, projector and
   auxiliary head at `lr * vision_lr_mult`, so the image side is not left behind while the decoder
   fits the answer prior.
   """
@@ -302,9 +351,9 @@ def optimizer(tc: TrainConfig, frozen_llm: bool) -> optax.GradientTransformation
     return optax.chain(optax.clip_by_global_norm(1.0),
                        optax.adamw(sched, b1=0.9, b2=tc.b2, weight_decay=tc.weight_decay))
   transforms = {"llm": optax.set_to_zero() if frozen_llm else adamw(tc.lr),
-                "vision": adamw(tc.lr * tc.vision_lr_mult)}
+                "vision": adamw(tc.lr * tc.vision_lr_mult), "lora": adamw(tc.lr)}
   labels = lambda t: {"params": {k: ("llm" if k == "llm" else "vision") for k in t["params"]},
-                      "aux": "vision"}
+                      "aux": "vision", **({"lora": "lora"} if "lora" in t else {})}
   return optax.multi_transform(transforms, labels)
 
 
@@ -345,8 +394,9 @@ def early_answer_loss(cfg: LlavaConfig, llm, h_BxTxD, ids_BxT, key_BxT):
   through every later layer.
   """
   logits = llama.lm_logits(cfg.text, llm, h_BxTxD[:, :-1])
-  ce = optax.softmax_cross_entropy_with_integer_labels(logits, ids_BxT[:, 1:])
   w = (key_BxT[:, :-1] >= 0).astype(jnp.float32)
+  labels = jnp.where(w > 0, ids_BxT[:, 1:], 0)   # see `loss_fn`: no out-of-vocabulary labels
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
   return (ce * w).sum() / jnp.maximum(w.sum(), 1.0)
 
 
@@ -379,10 +429,13 @@ def aux_logits(cfg: LlavaConfig, tc: TrainConfig, llm, head: dict, digit_ids, fe
   g, side = tc.data.grid, tc.data.image_size // tc.patch_size
   s = side // g
   b, _, d = feats_BxVxD.shape
+  ids = jnp.asarray(digit_ids)  # only the digit rows of the head: a 49k-word LM head is costly
+  digits = ({**llm, "embed": llm["embed"][ids]} if cfg.text.tie_word_embeddings else
+            {**llm, "lm_head": {"kernel": llm["lm_head"]["kernel"][:, ids]}})
   if tc.aux_pool in ("token", "ink"):  # visual tokens carry the digit of their own cell
-    return llama.lm_logits(cfg.text, llm, feats_BxVxD)[..., jnp.asarray(digit_ids)] + head["bias"]
+    return llama.lm_logits(cfg.text, digits, feats_BxVxD) + head["bias"]
   cells = feats_BxVxD.reshape(b, g, s, g, s, d).mean((2, 4)).reshape(b, g * g, d)
-  return llama.lm_logits(cfg.text, llm, cells)[..., jnp.asarray(digit_ids)] + head["bias"]
+  return llama.lm_logits(cfg.text, digits, cells) + head["bias"]
 
 
 def cell_of_patch(tc: TrainConfig) -> np.ndarray:
@@ -492,15 +545,20 @@ def grounding_loss(cfg: LlavaConfig, tc: TrainConfig, layer_p, h_BxTxD, position
 
 
 def loss_fn(cfg: LlavaConfig, tc: TrainConfig, digit_ids, train, ids_BxT, target_BxT, key_BxT,
-            pixels, cells_BxC, frozen_llm: bool):
+            pixels, cells_BxC, frozen_llm: bool, n_targets: int | None = None):
   """Answer cross-entropy plus the weighted auxiliary losses; (loss, {metric: value}).
 
   ids/target/key [B, T] as `encode_training_set` gives them, pixels f32[B, 3, H, W], cells
-  i32[B, G*G] the digit of each grid cell (row-major).
+  i32[B, G*G] the digit of each grid cell (row-major). `train` holds "params", "aux" and, with
+  LoRA, "lora". n_targets (static), when given, is at least the number of target tokens of any
+  row: the LM head then runs on those positions only.
   """
   params = train["params"]
   if frozen_llm:  # no weight gradients for the LLM; activations still carry them to the vision
     params = {**params, "llm": jax.lax.stop_gradient(params["llm"])}
+  if "lora" in train:
+    llm = params["llm"]
+    params = {**params, "llm": {**llm, "layers": lora_merge(llm["layers"], train["lora"])}}
   valid = ids_BxT != cfg.text.pad_token_id
   feats = llava.image_features(cfg, params, pixels)
   x = llava.merge_image_features(cfg, llama.embed(cfg.text, params["llm"], ids_BxT), ids_BxT,
@@ -509,7 +567,6 @@ def loss_fn(cfg: LlavaConfig, tc: TrainConfig, digit_ids, train, ids_BxT, target
   pos, mask = inputs.positions_from_mask(valid), llama.attention_mask(slots, valid)
   stack = ("hidden",) if tc.probe_weight or tc.ground_weight or tc.early_weight else ()
   h, _, *ys = llama.run_layers(cfg.text, params["llm"]["layers"], x, pos, mask, stack=stack)
-  logits = llama.lm_logits(cfg.text, params["llm"], h)
   probe = (probe_loss(cfg, train["aux"], ys[0]["hidden"][tc.probe_layer - 1], key_BxT)
            if tc.probe_weight else jnp.zeros(()))
   ground = jnp.zeros(())
@@ -519,7 +576,15 @@ def loss_fn(cfg: LlavaConfig, tc: TrainConfig, digit_ids, train, ids_BxT, target
                             ids_BxT, key_BxT, cells_BxC, pixels)
   early = (early_answer_loss(cfg, params["llm"], ys[0]["hidden"][tc.early_layer - 1], ids_BxT,
                              key_BxT) if tc.early_weight else jnp.zeros(()))
-  logits, labels, w = logits[:, :-1], ids_BxT[:, 1:], target_BxT[:, 1:].astype(jnp.float32)
+  h, labels, w = h[:, :-1], ids_BxT[:, 1:], target_BxT[:, 1:]
+  if n_targets:  # the target positions first (stable), then as many others as the row needs
+    at = jnp.argsort(~w, axis=1, stable=True)[:, :n_targets]
+    h = jnp.take_along_axis(h, at[..., None], axis=1)
+    labels, w = jnp.take_along_axis(labels, at, axis=1), jnp.take_along_axis(w, at, axis=1)
+  logits, w = llama.lm_logits(cfg.text, params["llm"], h), w.astype(jnp.float32)
+  # Non-targets get label 0: an added `<image>` id lies past a pretrained LM head's vocabulary,
+  # and its NaN cross-entropy would survive the zero weight.
+  labels = jnp.where(w > 0, labels, 0)
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
   n = jnp.maximum(w.sum(), 1.0)
   acc = ((jnp.argmax(logits, -1) == labels) * w).sum() / n
@@ -538,13 +603,14 @@ def loss_fn(cfg: LlavaConfig, tc: TrainConfig, digit_ids, train, ids_BxT, target
                  "ground_loss": ground, "cell_loss": cell, "early_loss": early}
 
 
-def make_train_step(cfg: LlavaConfig, tc: TrainConfig, digit_ids, tx, frozen_llm: bool = False):
+def make_train_step(cfg: LlavaConfig, tc: TrainConfig, digit_ids, tx, frozen_llm: bool = False,
+                    n_targets: int | None = None):
   @jax.jit
   def step(state, ids, target, key, pixels, cells):
-    train = {"params": state["params"], "aux": state["aux"]}
+    train = {k: v for k, v in state.items() if k != "opt_state"}
     grad_fn = jax.value_and_grad(loss_fn, argnums=3, has_aux=True)
     (loss, metrics), g = grad_fn(cfg, tc, digit_ids, train, ids, target, key, pixels, cells,
-                                 frozen_llm)
+                                 frozen_llm, n_targets)
     updates, opt = tx.update(g, state["opt_state"], train)
     new = optax.apply_updates(train, updates)
     return {**new, "opt_state": opt}, loss, metrics
@@ -576,7 +642,7 @@ def _tokenizer_and_llm(tc: TrainConfig, llm_dir):
   return tok, m
 
 
-def validate(tc: TrainConfig, cfg: LlavaConfig) -> None:
+def validate(tc: TrainConfig, cfg: LlavaConfig, frozen_llm: bool = False) -> None:
   """Refuses a configuration the losses cannot be computed for, naming the setting."""
   side = tc.data.image_size // tc.patch_size
   if tc.data.image_size % tc.patch_size or side % tc.data.grid:
@@ -594,6 +660,9 @@ def validate(tc: TrainConfig, cfg: LlavaConfig) -> None:
     raise JaxmmError(f"count_head must be '' or 'histogram', got {tc.count_head!r}")
   if tc.ground_weight and tc.count_head and cfg.text.num_heads < 2:
     raise JaxmmError("ground_weight needs >= 2 decoder heads (a lookup and a counting head)")
+  if tc.lora_rank < 0 or (tc.lora_rank and not frozen_llm):
+    raise JaxmmError(f"lora_rank {tc.lora_rank}: LoRA adapts a frozen decoder; give --llm "
+                     "(a decoder trained from scratch trains all its weights)")
 
 
 class Run:
@@ -604,7 +673,7 @@ class Run:
     self.tok, llm = _tokenizer_and_llm(tc, llm_dir)
     self.frozen_llm = llm is not None
     self.cfg = model_config(tc, self.tok, llm.config if llm else None)
-    validate(tc, self.cfg)
+    validate(tc, self.cfg, self.frozen_llm)
     images, items, cells = digits_vqa.training_set(tc.data, tc.train_images, tc.seed,
                                                    tc.turns_per_category, with_labels=True)
     self.pixels = pixel_values(images)
@@ -616,10 +685,13 @@ class Run:
     key = jax.random.split(jax.random.key(tc.seed))[0]
     params = init_params(self.cfg, key, llm.params if llm else None, tc.pos_init)
     train = {"params": params, "aux": init_aux_head(self.cfg, tc)}
+    if tc.lora_rank:
+      train["lora"] = init_lora(params["llm"]["layers"], tc.lora_rank, jax.random.key(tc.seed + 1))
     tx = optimizer(tc, self.frozen_llm)
     self.state = {**train, "opt_state": tx.init(train)}
     self.digit_ids = tuple(self.tok.convert_tokens_to_ids([str(d) for d in range(10)]))
-    self.train_step = make_train_step(self.cfg, tc, self.digit_ids, tx, self.frozen_llm)
+    n_targets = int(self.target[:, 1:].sum(1).max())
+    self.train_step = make_train_step(self.cfg, tc, self.digit_ids, tx, self.frozen_llm, n_targets)
 
   def step(self, step: int) -> dict:
     rows = batch_rows(self.tc, step, len(self.ids))
@@ -635,6 +707,10 @@ class Run:
       proc.save_pretrained(tmp)
       files = sorted(Path(tmp).iterdir())
       params = jax.device_get(self.state["params"])
+      if "lora" in self.state:  # the saved decoder is the adapted one: a plain llama
+        llm = params["llm"]
+        params["llm"] = {**llm, "layers": jax.device_get(lora_merge(llm["layers"],
+                                                                    self.state["lora"]))}
       return checkpoint.save_model(out, "llava", self.cfg.to_dict(), params, files, overwrite=True)
 
 
@@ -707,7 +783,7 @@ def ensure_model(cache_dir, tc: TrainConfig | None = None, progress=True) -> Pat
 # ---- command line --------------------------------------------------------------------------------
 
 _OVERRIDES = ("steps", "batch_size", "lr", "warmup", "seed", "ckpt_every", "train_images",
-              "turns_per_category",
+              "turns_per_category", "lora_rank",
               "text_layers", "text_width", "vision_layers", "vision_width")
 
 

@@ -111,3 +111,29 @@ def test_crossover_rule():
   assert crossover_layer(layers, [0.9, 0.5, 0.5, 0.9, 0.5], rand, 400)[0] == 5
   # A method ahead to the end has no crossover.
   assert crossover_layer(layers, [0.9] * 5, rand, 400)[0] is None
+
+
+def test_parse_layers_takes_ranges_lists_and_mixes():
+  from eval.analyze_common import parse_layers
+  assert parse_layers("1-3,6,9-10", 1, 12) == [1, 2, 3, 6, 9, 10]
+  assert parse_layers("4,2,2", 1, 12) == [2, 4] and parse_layers(None, 2, 5) == [2, 3, 4]
+
+
+def test_analyze_horizon_probes_only_the_chosen_layers(setup, tmp_path, capsys):
+  d, _ = setup
+  import dataclasses
+  model = vlm.Run(dataclasses.replace(vlm.tiny(), text_layers=4)).save_model(tmp_path / "m4")
+  args = ["--model", str(model), "--questions", str(d / "q.jsonl"), "--image-folder", str(d),
+          "--answer-key", str(d / "key.jsonl")]
+  assert module_main("eval.analyze_horizon", args + ["--out", str(tmp_path / "all")]) == 0
+  assert module_main("eval.analyze_horizon", args + ["--out", str(tmp_path / "some"),
+                                                     "--layers", "1,3"]) == 0
+  full = json.loads((tmp_path / "all" / "horizon.json").read_text())
+  some = json.loads((tmp_path / "some" / "horizon.json").read_text())
+  assert full["layers"] == [1, 2, 3] and some["layers"] == [1, 3]
+  for cat, s in some["categories"].items():   # a probe layer's information does not depend on
+    f = full["categories"][cat]                # which other layers are probed
+    np.testing.assert_allclose(s["mean_abs"], [f["mean_abs"][0], f["mean_abs"][2]], rtol=1e-6)
+  assert module_main("eval.analyze_horizon", args + ["--out", str(tmp_path / "bad"),
+                                                     "--layers", "2-3"]) == 2
+  assert "must include layer 1" in capsys.readouterr().err
