@@ -123,7 +123,7 @@ def plot(res: dict, out: Path) -> None:
 
 def run(args) -> int:
   m, rows, pr = common.load(args)
-  layers = common.parse_layers(args.layers, 1, m.config.text.num_layers) if args.layers else None
+  layers = common.parse_layers(args.layers, 1, m.config.text.num_layers)
   res = analyze(m, rows, pr, args.image_folder, vqa.read_answer_key(args.answer_key), args.tau,
                 layers)
   out = Path(args.out)

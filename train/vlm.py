@@ -125,7 +125,7 @@ def tiny() -> TrainConfig:
                      ckpt_every=2, log_every=1)
 
 
-def smollm2(steps: int = 600) -> TrainConfig:
+def smollm2() -> TrainConfig:
   """For `--llm` = the converted SmolLM2-135M-Instruct (frozen, 30 layers of width 576): the
   default's images and image-side losses, patch 16 (36 visual tokens: each step runs the
   30-layer decoder forward and backward on 8 conversations, so the sequence is what costs), a
@@ -140,7 +140,7 @@ def smollm2(steps: int = 600) -> TrainConfig:
   """
   return dataclasses.replace(default(), patch_size=16, vision_width=128, vision_heads=4,
                              lr=2e-3, vision_lr_mult=1.5, probe_layer=26, ground_layer=26,
-                             early_weight=0.0, lora_rank=8, steps=steps, ckpt_every=50)
+                             early_weight=0.0, lora_rank=8, steps=600, ckpt_every=50)
 
 
 PRESETS = {"default": default, "smollm2": smollm2, "tiny": tiny}
@@ -258,9 +258,10 @@ def init_lora(layers: dict, rank: int, key) -> dict:
 
 def lora_merge(layers: dict, lora: dict) -> dict:
   """The stacked decoder layers with each adapted kernel W replaced by W + a @ b."""
-  attn = {name: {**p, "kernel": p["kernel"] + jnp.einsum("lir,lro->lio", lora[name]["a"],
-                                                         lora[name]["b"])}
-          if name in lora else p for name, p in layers["attn"].items()}
+  attn = dict(layers["attn"])
+  for name, ab in lora.items():
+    w = attn[name]["kernel"]
+    attn[name] = {**attn[name], "kernel": w + jnp.einsum("lir,lro->lio", ab["a"], ab["b"])}
   return {**layers, "attn": attn}
 
 

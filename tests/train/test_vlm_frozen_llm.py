@@ -14,8 +14,8 @@ from jaxmm.data import digits_vqa
 from jaxmm.errors import JaxmmError
 from train import vlm
 
-TC = dataclasses.replace(vlm.smollm2(steps=3), data=digits_vqa.DigitsVQAConfig(grid=2, cell_px=16),
-                         patch_size=8, vision_width=32, vision_layers=1, vision_heads=2,
+TC = dataclasses.replace(vlm.smollm2(), steps=3,
+                         data=digits_vqa.DigitsVQAConfig(grid=2, cell_px=16), patch_size=8, vision_width=32, vision_layers=1, vision_heads=2,
                          train_images=32, batch_size=4, warmup=1, probe_layer=1, ground_layer=1,
                          lora_rank=4, ckpt_every=1, log_every=1)
 
