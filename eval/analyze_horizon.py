@@ -26,6 +26,7 @@ from jaxmm.analysis import horizon
 from jaxmm.analysis.capture import Capture
 from jaxmm.data import vqa
 from jaxmm.errors import InputError
+from jaxmm.models import core
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -64,11 +65,12 @@ def analyze(m, rows, pr, image_folder, key: dict, tau: float, layers=None) -> di
   if missing:
     raise InputError(f"answer key has no answer for question(s) {missing[:5]}")
   by_cat, secs = defaultdict(list), []
+  decoder = core.decoder_of(m.family, cfg, m.params)
   for r, ids, mask, out, fwd_s in common.captured(m, rows, pr, image_folder, Capture(hidden=True),
                                                   "analyze horizon"):
     t0 = time.perf_counter()
     target = first_token(pr.tok, key[r["question_id"]]["answer"])
-    info = horizon.information(cfg.text, m.params["llm"], out.captured["hidden"][:, 0],
+    info = horizon.information(*decoder, out.captured["hidden"][:, 0],
                                np.asarray(vqa_positions(mask))[0], mask[0].astype(bool),
                                ids[0] == cfg.image_token_id, target, grid, layers)
     secs.append(fwd_s + time.perf_counter() - t0)

@@ -32,10 +32,10 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxmm.cli
-from jaxmm import api, checkpoint, flops
+from jaxmm import api, checkpoint, flops, registry
 from jaxmm import inputs as inputs_lib
 from jaxmm.errors import InputError
-from jaxmm.models import llama, llava, segments
+from jaxmm.models import core, segments
 from jaxmm.pruning import entropy, schedule as schedule_lib, select
 
 
@@ -120,11 +120,12 @@ def random_model(name: str, batch: int, n_text: int, seed: int = 0):
 
 # ---- measurements -------------------------------------------------------------------------------
 
-@functools.partial(jax.jit, static_argnames=("tc", "sched"))
-def decoder_prefill(tc, lp, state, key, sched):
-  """Last-position logits f32[B, V] after the decoder layers under `sched` (the prefill)."""
-  segs, _ = segments.prefill(tc, lp["layers"], state, sched, key)
-  return llama.lm_logits(tc, lp, segs[-1].state.hidden[:, -1:])[:, 0]
+@functools.partial(jax.jit, static_argnames=("dec", "sched"))
+def decoder_prefill(dec, dp, state, key, sched):
+  """Last-position logits f32[B, V] after the decoder layers under `sched` (the one prefill
+  path, `segments.prefill`, from the TokenState entering the decoder)."""
+  pre = segments.prefill(dec, dp, state, sched, key)
+  return dec.logits(dp, pre.segments[-1].state.hidden[:, -1:])[:, 0]
 
 
 def median_time(fn, runs: int) -> float:
@@ -137,16 +138,17 @@ def median_time(fn, runs: int) -> float:
   return statistics.median(out)
 
 
-def scoring_time(tc, lp, state, sched, key, runs: int) -> float:
-  """Σ over stages of the median time of the stage's score function alone (jitted)."""
+def scoring_time(dec, dp, state, sched, key, runs: int) -> float:
+  """Σ over stages of the median time of the stage's score function alone (jitted), on the
+  layer-(K-1) quantities of the prefill path's own segments (`segments.run_range`)."""
   total, start = 0.0, 0
   score_fn = jax.jit(select.scores, static_argnums=0)
   run_range = jax.jit(segments.run_range, static_argnums=(0, 3, 4, 5))
   for i, stage in enumerate(sched):
     needs = schedule_lib.needs((stage,))
     if stage.layer > start:
-      seg, aux = run_range(tc, lp["layers"], state, start, stage.layer, needs)
-      state = seg.state
+      seg, out = run_range(dec, dp, state, start, stage.layer, needs)
+      state, aux = seg.state, out.last
     else:
       aux = {}
     k = jax.vmap(lambda kk: jax.random.fold_in(kk, i))(key)
@@ -188,10 +190,10 @@ def prefill_inputs(m, ids_BxT, mask_BxT, px, seed: int = 0):
 
   ids i32[B, T] with the image placeholders, mask {0,1}[B, T], px f32[B, C, H, W].
   """
-  ids, mask = jnp.asarray(ids_BxT), jnp.asarray(mask_BxT).astype(bool)
-  pos = inputs_lib.positions_from_mask(mask)
-  state = llava.token_state(m.config, m.params, ids, jnp.asarray(px), mask, pos)
-  return state, inputs_lib.example_keys(seed, ids.shape[0])
+  prepared = core.prepare(m.family, m.config, {"input_ids": ids_BxT, "attention_mask": mask_BxT,
+                                                "pixel_values": px})
+  state = registry.family_module(m.family).token_state(m.config, m.params, prepared.arrays)
+  return state, inputs_lib.example_keys(seed, ids_BxT.shape[0])
 
 
 def prefill_times(m, state, key, scheds, runs: int) -> list[list[float]]:
@@ -200,8 +202,8 @@ def prefill_times(m, state, key, scheds, runs: int) -> list[list[float]]:
   Every schedule is compiled first; then the runs of all schedules are interleaved, so that
   drift (other load, clock changes) hits all of them alike. `()` is the unpruned prefill.
   """
-  tc, lp = m.config.text, m.params["llm"]
-  fns = [functools.partial(decoder_prefill, tc, lp, state, key, s) for s in scheds]
+  dec, dp = core.decoder_of(m.family, m.config, m.params)
+  fns = [functools.partial(decoder_prefill, dec, dp, state, key, s) for s in scheds]
   times = [[] for _ in fns]
   for f in fns:
     jax.block_until_ready(f())   # compile
@@ -214,7 +216,7 @@ def prefill_times(m, state, key, scheds, runs: int) -> list[list[float]]:
 
 
 def measure(m, ids, mask, px, scheds, args) -> dict:
-  cfg, tc, lp = m.config, m.config.text, m.params["llm"]
+  cfg, tc = m.config, m.config.text
   ids, mask, px = jnp.asarray(ids), jnp.asarray(mask).astype(bool), jnp.asarray(px)
   state, key = prefill_inputs(m, ids, mask, px, args.seed)
   n_vis = cfg.num_image_tokens
@@ -235,7 +237,8 @@ def measure(m, ids, mask, px, scheds, args) -> dict:
                latency_median_s=statistics.median(t), latency_ratio=statistics.median(t) / base_t,
                latency_s=t)
     if s:
-      row["scoring_s"] = scoring_time(tc, lp, state, s, key, args.runs)
+      row["scoring_s"] = scoring_time(*core.decoder_of(m.family, cfg, m.params), state, s, key,
+                                      args.runs)
       row["scoring_pct_of_prefill"] = 100 * row["scoring_s"] / base_t
       out = api.forward(m, input_ids=ids, pixel_values=px, attention_mask=mask, schedule=s, seed=args.seed)
       row["max_logit_change"] = float(np.abs(np.asarray(out.logits[:, -1]) - base_logits).max())

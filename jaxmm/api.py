@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxmm import checkpoint, registry
+from jaxmm.errors import JaxmmError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -18,9 +19,16 @@ class Model:
   path: Path | None = None
 
 
-def load(path, dtype=None) -> Model:
-  """Opens a folder written by `jaxmm convert` (or by training). `dtype` casts float params."""
+def load(path, dtype=None, family: str | None = None) -> Model:
+  """Opens a model folder of any family in `registry.FAMILIES`, written by `jaxmm convert` or by
+  training. `dtype` casts float params. `family`: the family the caller expects; a folder of
+  another family is a one-line JaxmmError, raised before any params are read.
+
+  `config` is the family module's `Config.from_dict` of the folder's stored config.
+  """
   meta = checkpoint.read_meta(path)
+  if family is not None and meta["family"] != family:
+    raise JaxmmError(f"{path} holds a {meta['family']!r} model, not a {family!r} one")
   mod = registry.family_module(meta["family"])
   cfg = mod.Config.from_dict(meta["config"])
   params = checkpoint.load_params(path, dtype=dtype)

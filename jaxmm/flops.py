@@ -96,7 +96,7 @@ def xla_layer_flops(cfg, n: int, batch: int = 1) -> float:
       jax.random.key(0), jnp.zeros(x.shape, x.dtype), sc, jnp.ones(mask.shape, bool))["params"])
   layers = jax.tree.map(lambda p: jax.ShapeDtypeStruct((1,) + p.shape, p.dtype), params)
   pos = jax.ShapeDtypeStruct((batch, n), jnp.int32)
-  fn = jax.jit(lambda lp, x, pos, mask: llama.run_layers(t, lp, x, pos, mask)[0])
+  fn = jax.jit(lambda lp, x, pos, mask: llama.run_layers(t, lp, x, pos, mask).x)
   cost = fn.lower(layers, x, pos, mask).compile().cost_analysis()
   return float((cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"])
 

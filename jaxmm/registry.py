@@ -11,6 +11,8 @@ FAMILIES = {
     "llava": "jaxmm.models.llava",
     "llama": "jaxmm.models.llama",
     "bert": "jaxmm.models.bert",
+    "mgfte": "jaxmm.mgfte.training",  # Config: ExtractorConfig (encoder + head)
+    "cadit": "jaxmm.cadit.loop",  # Config: RunSpec (networks config, task, seed)
 }
 
 
@@ -18,3 +20,15 @@ def family_module(family: str):
   if family not in FAMILIES:
     raise ConfigError(f"unknown model family {family!r}; known: {sorted(FAMILIES)}")
   return importlib.import_module(FAMILIES[family])
+
+
+# The family of an in-memory config, for callers that hold a config without a folder.
+_CONFIG_FAMILY = {"LlavaConfig": "llava", "LlamaConfig": "llama"}
+
+
+def family_of(cfg) -> str:
+  """The registry name of the decoder family (llava, llama) a config belongs to."""
+  name = _CONFIG_FAMILY.get(type(cfg).__name__)
+  if name is None:
+    raise ConfigError(f"no model family for a {type(cfg).__name__}")
+  return name

@@ -31,13 +31,13 @@ def _masked(cfg, params, ids, px, mask, kept, schedule, n_prompt):
   start = 0
   for stage, k in zip(schedule, kept):
     sub = jax.tree.map(lambda a: a[start:stage.layer], lp["layers"])
-    x, _ = llama.run_layers(tc, sub, x, pos, llama.attention_mask(slots, alive))
+    x = llama.run_layers(tc, sub, x, pos, llama.attention_mask(slots, alive)).x
     alive = alive & (~image | _kept_mask(t, k))
     if stage.positions == "compact":
       pos = positions_from_mask(alive)
     start = stage.layer
   sub = jax.tree.map(lambda a: a[start:], lp["layers"])
-  x, _ = llama.run_layers(tc, sub, x, pos, llama.attention_mask(slots, alive))
+  x = llama.run_layers(tc, sub, x, pos, llama.attention_mask(slots, alive)).x
   return llama.lm_logits(tc, lp, x), alive
 
 

@@ -53,3 +53,41 @@ def test_every_command_has_help():
     proc = subprocess.run([sys.executable, "-m", "jaxmm.cli", *words, "--help"],
                           capture_output=True, text=True)
     assert proc.returncode == 0 and "usage:" in proc.stdout, words
+
+
+def _help(argv, capsys, monkeypatch):
+  """(exit code, stdout) of `jaxmm ARGV --help`, run in-process and unwrapped."""
+  monkeypatch.setenv("COLUMNS", "1000")  # argparse wraps help text at hyphens; keep it one line
+  with pytest.raises(SystemExit) as e:
+    cli.main([*argv, "--help"])
+  return e.value.code, " ".join(capsys.readouterr().out.split())
+
+
+def _groups():
+  """Every word sequence that only groups commands, the top level () included."""
+  return sorted({words[:d] for words in cli.COMMANDS for d in range(len(words))})
+
+
+def test_help_lists_every_command_with_its_description(capsys, monkeypatch):
+  for words, command in cli.COMMANDS.items():
+    assert command.help.strip() and not command.help.startswith("see `jaxmm"), words
+    code, out = _help(words[:-1], capsys, monkeypatch)  # `jaxmm --help`, `jaxmm train --help`...
+    assert code == 0 and f" {words[-1]} {command.help}" in out, words
+
+
+def test_command_descriptions_are_their_module_docstrings():
+  """The table is written out so that `jaxmm --help` imports no command module; it must not
+  drift from the docstrings."""
+  import importlib
+  for words, command in cli.COMMANDS.items():
+    assert command.help == cli.summary(importlib.import_module(command.module).__doc__), words
+
+
+def test_every_help_exits_zero_in_process(capsys, monkeypatch):
+  for words in _groups():
+    code, out = _help(words, capsys, monkeypatch)
+    assert code == 0 and out.startswith(" ".join(("usage: jaxmm",) + words)), words
+  for words, command in cli.COMMANDS.items():
+    code, out = _help(words, capsys, monkeypatch)
+    assert code == 0 and out.startswith(f"usage: jaxmm {' '.join(words)} "), words
+    assert command.help in out, words

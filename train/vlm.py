@@ -34,10 +34,10 @@ from jaxmm.config import ClipVisionConfig, LlamaConfig, LlavaConfig
 from jaxmm.data import digits_vqa
 from jaxmm.data.tokenizer import llava_processor, word_tokenizer
 from jaxmm.errors import JaxmmError
-from jaxmm.layers import rope
-from jaxmm.layers.mlp import Mlp
-from jaxmm.layers.norms import RMSNorm
-from jaxmm.models import clip, llama, llava
+from jaxmm.models import llama, llava, segments
+from jaxmm.models.clip import sincos_positions  # noqa: F401  (part of this module's API)
+from jaxmm.models.decoder import causal_mask
+from jaxmm.pruning.state import TokenState
 
 # CLIP normalisation, as the saved CLIPImageProcessor applies it (pixels / 255, then these).
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
@@ -179,66 +179,10 @@ def model_config(tc: TrainConfig, tok, text: LlamaConfig | None = None) -> Llava
                      vision_feature_layer=-1)
 
 
-def _stacked(module, key, n: int, *args):
-  """Params of `n` independently initialised copies of a Flax layer, stacked on axis 0."""
-  return jax.vmap(lambda k: module.init(k, *args)["params"])(jax.random.split(key, n))
-
-
-def sincos_positions(side: int, d: int) -> np.ndarray:
-  """f32[1 + side*side, d]: 2-D sine/cosine embeddings of a patch grid (zeros for the CLS slot).
-
-  A quarter of the channels each for sin(row), cos(row), sin(col), cos(col), at frequencies
-  1 / 100^(i / (d/4)); every patch gets a distinct unit-scale code that the ViT can read from
-  the first step, which random 0.02-scale embeddings do not give it.
-  """
-  q = d // 4
-  om = 1.0 / 100.0 ** (np.arange(q) / q)
-  rows, cols = np.meshgrid(np.arange(side), np.arange(side), indexing="ij")
-  r, c = rows.reshape(-1, 1) * om, cols.reshape(-1, 1) * om
-  pe = np.concatenate([np.sin(r), np.cos(r), np.sin(c), np.cos(c)], axis=1)
-  pe = np.pad(pe, ((1, 0), (0, d - 4 * q)))
-  return pe.astype(np.float32)
-
-
-def init_vision(cfg: ClipVisionConfig, key, pos_init: str = "random") -> dict:
-  k_patch, k_pos, k_layers = jax.random.split(key, 3)
-  d, p, c = cfg.hidden_size, cfg.patch_size, cfg.num_channels
-  x = jnp.zeros((1, cfg.num_patches + 1, d))
-  if pos_init == "sincos":
-    pos = jnp.asarray(sincos_positions(cfg.image_size // p, d))
-  elif pos_init == "random":
-    pos = jax.random.normal(k_pos, (cfg.num_patches + 1, d)) * 0.02
-  else:
-    raise JaxmmError(f"pos_init must be 'random' or 'sincos', got {pos_init!r}")
-  return {"patch_embed": {"kernel": jax.random.normal(k_patch, (p, p, c, d)) * (p * p * c) ** -0.5},
-          "class_embed": jnp.zeros((d,)),
-          "pos_embed": pos,
-          "pre_ln": {"scale": jnp.ones((d,)), "bias": jnp.zeros((d,))},
-          "layers": _stacked(clip.EncoderLayer(cfg), k_layers, cfg.num_layers, x)}
-
-
-def init_text(cfg: LlamaConfig, key) -> dict:
-  k_emb, k_layers, k_head = jax.random.split(key, 3)
-  d, t = cfg.hidden_size, 4  # any length: only the shapes of the weights matter
-  x, pos = jnp.zeros((1, t, d)), jnp.zeros((1, t), jnp.int32)
-  sc = rope.sin_cos(pos, rope.inv_frequencies(cfg))
-  mask = jnp.ones((1, t, t), bool)
-  p = {"embed": jax.random.normal(k_emb, (cfg.vocab_size, d)) * 0.02,
-       "layers": _stacked(llama.DecoderLayer(cfg), k_layers, cfg.num_layers, x, sc, mask),
-       "norm": {"scale": jnp.ones((d,))}}
-  if not cfg.tie_word_embeddings:
-    p["lm_head"] = {"kernel": jax.random.normal(k_head, (d, cfg.vocab_size)) * d ** -0.5}
-  return p
-
-
 def init_params(cfg: LlavaConfig, key, llm_params=None, pos_init: str = "random") -> dict:
-  """A freshly initialised LLaVA params tree (the decoder is `llm_params` when given)."""
-  k_v, k_p, k_t = jax.random.split(key, 3)
-  d_in, d = cfg.vision.hidden_size * len(cfg.feature_layers), cfg.text.hidden_size
-  proj = Mlp(d, d, cfg.projector_hidden_act, cfg.multimodal_projector_bias)
-  return {"vision": init_vision(cfg.vision, k_v, pos_init),
-          "projector": proj.init(k_p, jnp.zeros((1, d_in)))["params"],
-          "llm": llm_params if llm_params is not None else init_text(cfg.text, k_t)}
+  """A freshly initialised LLaVA params tree (`llava.init_params`; the decoder is `llm_params`
+  when given)."""
+  return llava.init_params(cfg, key, pos_init, llm=llm_params)
 
 
 def init_lora(layers: dict, rank: int, key) -> dict:
@@ -468,21 +412,6 @@ def cell_of_position(tc: TrainConfig, ids_BxT, image_token_id: int):
   return jnp.where(is_img, jnp.asarray(cell_of_patch(tc))[idx], -1)
 
 
-def _head_log_attention(cfg: LlavaConfig, layer_p, h_BxTxD, positions_BxT, mask_BxTxS,
-                        head: int):
-  """f32[B, T, S]: log attention probabilities of query head `head` of a decoder layer whose
-  input is h, computed as the layer computes them (norm, projections, RoPE, masked softmax)."""
-  tc, hd = cfg.text, cfg.text.head_dim
-  kv = head // (tc.num_heads // tc.num_kv_heads)                     # the head's KV group
-  x = RMSNorm(tc.rms_norm_eps).apply({"params": layer_p["attn_norm"]}, h_BxTxD)
-  q = (x @ layer_p["attn"]["q"]["kernel"])[..., head * hd:(head + 1) * hd][:, :, None]
-  k = (x @ layer_p["attn"]["k"]["kernel"])[..., kv * hd:(kv + 1) * hd][:, :, None]
-  sc = rope.sin_cos(positions_BxT, rope.inv_frequencies(tc))
-  q, k = rope.apply_rope(q, *sc)[:, :, 0], rope.apply_rope(k, *sc)[:, :, 0]
-  s = jnp.einsum("btk,bsk->bts", q, k) * hd ** -0.5
-  return jax.nn.log_softmax(jnp.where(mask_BxTxS, s, -1e30), axis=-1)
-
-
 def counting_head(cfg: LlavaConfig) -> int:
   """The head `count_head` grounds: the first of the second KV group, so that it shares no keys
   and values with the lookup head 0 (head 1 when there is one KV group). Sharing them, the
@@ -517,9 +446,10 @@ def informative_slots(cfg: LlavaConfig, tc: TrainConfig, ids_BxT, pixels):
   return jnp.take_along_axis(ink_patches(tc, pixels), idx, axis=1) & (cell >= 0)
 
 
-def grounding_loss(cfg: LlavaConfig, tc: TrainConfig, layer_p, h_BxTxD, positions_BxT,
-                   mask_BxTxS, ids_BxT, key_BxT, cells_BxC, pixels):
-  """Attention supervision of layer `ground_layer` at each answer-predicting token.
+def grounding_loss(cfg: LlavaConfig, tc: TrainConfig, logp_BxHxTxS, mask_BxTxS, ids_BxT,
+                   key_BxT, cells_BxC, pixels):
+  """Attention supervision of layer `ground_layer` at each answer-predicting token, from that
+  layer's log attention probabilities f32[B, H, T, S] (the prefill's "attn_logp" capture).
 
   Head 0 looks things up: -log(its attention mass on the relevant tokens, `relevant_tokens`)
   for every question that has some (cell; count and presence when the digit is there).
@@ -537,17 +467,36 @@ def grounding_loss(cfg: LlavaConfig, tc: TrainConfig, layer_p, h_BxTxD, position
   g2 = tc.data.grid ** 2
   rel = relevant_tokens(cfg, tc, ids_BxT, key_BxT, cells_BxC, pixels)
   lookup = ((key_BxT >= 0) & rel.any(-1)).astype(jnp.float32)
-  logp0 = _head_log_attention(cfg, layer_p, h_BxTxD, positions_BxT, mask_BxTxS, 0)
+  logp0 = logp_BxHxTxS[:, 0]
   total = (-jax.nn.logsumexp(jnp.where(rel, logp0, -1e30), axis=-1) * lookup).sum()
   count = lookup.sum()
   if tc.count_head:
     counting = ((key_BxT >= g2) & (key_BxT < g2 + 10)).astype(jnp.float32)
-    logp1 = _head_log_attention(cfg, layer_p, h_BxTxD, positions_BxT, mask_BxTxS,
-                                counting_head(cfg))
+    logp1 = logp_BxHxTxS[:, counting_head(cfg)]
     tgt = informative_slots(cfg, tc, ids_BxT, pixels)[:, None].astype(jnp.float32)   # [B, 1, S]
     ce = -(tgt * jnp.where(mask_BxTxS, logp1, 0.0)).sum(-1) / jnp.maximum(tgt.sum(-1), 1.0)
     total, count = total + (ce * counting).sum(), count + counting.sum()
   return total / jnp.maximum(count, 1.0)
+
+
+def decoder_pass(cfg: LlavaConfig, tc: TrainConfig, params, ids_BxT, feats_BxVxD):
+  """The decoder over right-padded conversations through the one prefill path
+  (`segments.prefill`, unpruned), with the captures the losses read. Returns (h f[B, T, D]
+  leaving the last layer, hidden f[L, B, T, D] each layer's output or None, the "attn_logp"
+  f32[B, H, T, S] of layer `ground_layer` or None)."""
+  valid = ids_BxT != cfg.text.pad_token_id
+  x = llava.merge_image_features(cfg, llama.embed(cfg.text, params["llm"], ids_BxT), ids_BxT,
+                                 feats_BxVxD)
+  b, t = ids_BxT.shape
+  state = TokenState(hidden=x, positions=inputs.positions_from_mask(valid), valid=valid,
+                     visual=(ids_BxT == cfg.image_token_id) & valid,
+                     origin=jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)))
+  stack = ("hidden",) if tc.probe_weight or tc.early_weight else ()
+  probes = {tc.ground_layer: ("attn_logp",)} if tc.ground_weight else None
+  pre = segments.prefill(llava.decoder(cfg), params["llm"], state, (), None, stack=stack,
+                         probes=probes)
+  logp = pre.probed[tc.ground_layer]["attn_logp"] if tc.ground_weight else None
+  return pre.segments[-1].state.hidden, pre.stacked.get("hidden"), logp
 
 
 def loss_fn(cfg: LlavaConfig, tc: TrainConfig, digit_ids, train, ids_BxT, target_BxT, key_BxT,
@@ -565,22 +514,14 @@ def loss_fn(cfg: LlavaConfig, tc: TrainConfig, digit_ids, train, ids_BxT, target
   if "lora" in train:
     llm = params["llm"]
     params = {**params, "llm": {**llm, "layers": lora_merge(llm["layers"], train["lora"])}}
-  valid = ids_BxT != cfg.text.pad_token_id
   feats = llava.image_features(cfg, params, pixels)
-  x = llava.merge_image_features(cfg, llama.embed(cfg.text, params["llm"], ids_BxT), ids_BxT,
-                                 feats)
-  slots = jnp.broadcast_to(jnp.arange(x.shape[1]), valid.shape)
-  pos, mask = inputs.positions_from_mask(valid), llama.attention_mask(slots, valid)
-  stack = ("hidden",) if tc.probe_weight or tc.ground_weight or tc.early_weight else ()
-  h, _, *ys = llama.run_layers(cfg.text, params["llm"]["layers"], x, pos, mask, stack=stack)
-  probe = (probe_loss(cfg, train["aux"], ys[0]["hidden"][tc.probe_layer - 1], key_BxT)
+  h, hidden, logp = decoder_pass(cfg, tc, params, ids_BxT, feats)
+  probe = (probe_loss(cfg, train["aux"], hidden[tc.probe_layer - 1], key_BxT)
            if tc.probe_weight else jnp.zeros(()))
-  ground = jnp.zeros(())
-  if tc.ground_weight:
-    lp = jax.tree.map(lambda a: a[tc.ground_layer], params["llm"]["layers"])
-    ground = grounding_loss(cfg, tc, lp, ys[0]["hidden"][tc.ground_layer - 1], pos, mask,
-                            ids_BxT, key_BxT, cells_BxC, pixels)
-  early = (early_answer_loss(cfg, params["llm"], ys[0]["hidden"][tc.early_layer - 1], ids_BxT,
+  ground = (grounding_loss(cfg, tc, logp, causal_mask(ids_BxT != cfg.text.pad_token_id),
+                           ids_BxT, key_BxT, cells_BxC, pixels)
+            if tc.ground_weight else jnp.zeros(()))
+  early = (early_answer_loss(cfg, params["llm"], hidden[tc.early_layer - 1], ids_BxT,
                              key_BxT) if tc.early_weight else jnp.zeros(()))
   h, labels, w = h[:, :-1], ids_BxT[:, 1:], target_BxT[:, 1:]
   if n_targets:  # the target positions first (stable), then as many others as the row needs

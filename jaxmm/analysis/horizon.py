@@ -17,7 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmm.models import llama
+from jaxmm.models import segments
+from jaxmm.pruning.state import TokenState
 
 TAU = 0.05
 
@@ -46,32 +47,30 @@ def gather_sets(valid_T, visual_T, grid: int):
   return idx, jnp.take_along_axis(keep, idx, axis=-1)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "layer", "grid"))
-def window_probs(cfg, llm_params, h_TxD, positions_T, valid_T, visual_T, target, layer: int,
+@functools.partial(jax.jit, static_argnames=("dec", "layer", "grid"))
+def window_probs(dec, dparams, h_TxD, positions_T, valid_T, visual_T, target, layer: int,
                  grid: int):
   """f32[W+1]: p_layer(y* | text, w) for each window w, then for the empty set.
 
   h_TxD: hidden states entering `layer` of one example; positions i32[T]; valid bool[T];
   visual bool[T]: the grid^2 image-placeholder slots in raster order (masked ones included, so
   the windows keep their place; a masked token stays unseen); target: the id y*.
-  cfg: the LlamaConfig of the decoder."""
+  dec, dparams: the decoder (`models.decoder`) and its params (`core.decoder_of`)."""
   idx, keep = gather_sets(valid_T, visual_T, grid)
-  x = h_TxD[idx]
-  slots = jnp.broadcast_to(jnp.arange(idx.shape[1]), idx.shape)
-  mask = llama.attention_mask(slots, keep)
-  h, _ = llama.run_layers(cfg, llm_params["layers"], x, positions_T[idx], mask, start=layer,
-                          end=cfg.num_layers)
-  logits = llama.lm_logits(cfg, llm_params, h[:, -1:])[:, 0]
+  state = TokenState(hidden=h_TxD[idx], positions=positions_T[idx], valid=keep,
+                     visual=visual_T[idx] & keep, origin=idx.astype(jnp.int32))
+  seg, _ = segments.run_range(dec, dparams, state, layer, dec.num_layers)
+  logits = dec.logits(dparams, seg.state.hidden[:, -1:])[:, 0]
   return jax.nn.softmax(logits, axis=-1)[:, target]
 
 
-def information(cfg, llm_params, hidden_Lp1xTxD, positions_T, valid_T, visual_T, target,
+def information(dec, dparams, hidden_Lp1xTxD, positions_T, valid_T, visual_T, target,
                 grid: int, layers) -> np.ndarray:
   """f32[len(layers), W]: I_l(w) for each probe layer l (hidden: the captured stack, entry l
   entering layer l). One jitted batch over all windows per layer."""
   out = []
   for l in layers:
-    p = window_probs(cfg, llm_params, hidden_Lp1xTxD[l], positions_T, valid_T, visual_T,
+    p = window_probs(dec, dparams, hidden_Lp1xTxD[l], positions_T, valid_T, visual_T,
                      jnp.int32(target), int(l), grid)
     out.append(p[:-1] - p[-1])
   return np.asarray(jnp.stack(out))

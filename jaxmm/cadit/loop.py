@@ -4,36 +4,55 @@ A run folder holds:
   ckpt/          orbax checkpoints of the whole state (params, optimiser states, step, PRNG key)
                  with the data-stream positions and the run's identity in the JSON metadata
   grid_XXXXXX.png  source | translation pairs, every `grid_every` adaptation steps (CADIT)
-  model/         the final params as a jaxmm model folder (family "cadit")
+  model/         the final params as a jaxmm model folder (family "cadit", see `save_model`)
   results.json   target/source test accuracy, label-flip rate, iterations, wall time
 A run killed at any point restarts from its last checkpoint with the same data order and RNG.
+
+This is also the `jaxmm.registry` module of family "cadit": a model folder's config is the
+`RunSpec` of its run (`Config`), and `forward` classifies images with the deployed classifier,
+so `jaxmm.load` / `jaxmm.forward` work on `model/`.
 """
 import dataclasses
 import time
 from pathlib import Path
 
+import flax.struct
 import jax
+import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from jaxmm import checkpoint
+from jaxmm import api, checkpoint
+from jaxmm.cadit import config as config_lib
 from jaxmm.cadit import evaluate, steps
-from jaxmm.cadit.config import Config
 from jaxmm.data.digits import Domain, Stream
-from jaxmm.errors import JaxmmError
+from jaxmm.errors import ConfigError, InputError, JaxmmError
 
 FAMILY = "cadit"
 
 
 @dataclasses.dataclass(frozen=True)
 class RunSpec:
-  """What identifies a run: resuming with a different one is refused."""
-  cfg: Config
+  """What identifies a run: resuming with a different one is refused. It is also the config of
+  the run's model folder: `meta()` is the `config` of its jaxmm.json, `from_dict` reads it back."""
+  cfg: config_lib.Config
   task: str
   seed: int
 
   def meta(self) -> dict:
     return {"config": self.cfg.to_dict(), "task": self.task, "seed": self.seed}
+
+  to_dict = meta
+
+  @classmethod
+  def from_dict(cls, d: dict) -> "RunSpec":
+    if sorted(d) != ["config", "seed", "task"]:
+      raise ConfigError(f"a CADIT run spec holds the keys ['config', 'seed', 'task'], "
+                        f"not {sorted(d)}")
+    return cls(config_lib.Config.from_dict(d["config"]), d["task"], d["seed"])
+
+
+Config = RunSpec  # the name `jaxmm.load` reads a family's folder config with
 
 
 def _batch(source: Domain, target: Domain, streams) -> dict:
@@ -110,15 +129,39 @@ def finish(spec: RunSpec, source: Domain, target: Domain, out: Path, params, wal
   if cfg.method == "cadit":
     results["label_flip_rate"] = evaluate.label_flip_rate(cfg, params, source.x_test,
                                                           source.y_test)
-  checkpoint.save_model(out / "model", FAMILY, spec.meta(), params, overwrite=True)
+  save_model(out / "model", spec, params)
   checkpoint.write_json(out / "results.json", results)
   return results
 
 
+def save_model(folder, spec: RunSpec, params) -> Path:
+  """Writes `params` (the `params` of a `steps.init_state` state) of run `spec` as a model
+  folder of family "cadit", replacing `folder` if it exists. `jaxmm.load` and `load_model`
+  open it."""
+  return checkpoint.save_model(folder, FAMILY, spec.to_dict(), jax.device_get(params),
+                               overwrite=True)
+
+
 def load_model(path):
-  """-> (Config, params, meta) from a model folder written by `finish`."""
-  meta = checkpoint.read_meta(path)
-  if meta["family"] != FAMILY:
-    raise JaxmmError(f"{path} holds a {meta['family']!r} model, not a CADIT/digits one")
-  cfg = Config.from_dict(meta["config"]["config"])
-  return cfg, checkpoint.load_params(path), meta["config"]
+  """-> (networks Config, params, run meta dict) from a folder written by `save_model`; the
+  same reader as `jaxmm.load(path, family="cadit")`."""
+  m = api.load(path, family=FAMILY)
+  return m.config.cfg, m.params, m.config.meta()
+
+
+@flax.struct.dataclass
+class ClassifierOutput:
+  """probs f32[B, K]: the deployed classifier's class probabilities (argmax: the prediction)."""
+  probs: jax.Array
+
+
+def forward(spec: RunSpec, params, *, images) -> ClassifierOutput:
+  """`jaxmm.forward` for family "cadit": `steps.predict_logits` (C_t, or the §4.4 ensemble) of
+  images f32[B, H, W, C] in [-1, 1], H = W = cfg.image_size, C = cfg.channels."""
+  cfg = spec.cfg
+  want = (cfg.image_size, cfg.image_size, cfg.channels)
+  if np.ndim(images) != 4 or tuple(np.shape(images)[1:]) != want:
+    raise InputError(f"CADIT images must be f32[B, {want[0]}, {want[1]}, {want[2]}] in [-1, 1]; "
+                     f"got shape {list(np.shape(images))}")
+  probs = steps.predict_logits(cfg, params, jnp.asarray(images, jnp.float32))
+  return ClassifierOutput(probs=probs)

@@ -33,6 +33,16 @@ def last_row(q_BxTxHxK, k_BxSxGxK, mask_BxTxS, scale):
   return jax.nn.softmax(s, axis=-1).mean(axis=(1, 2))
 
 
+def log_probs(q_BxTxHxK, k_BxSxGxK, mask_BxTxS, scale):
+  """f32[B, H, T, S]: log attention probabilities of every head (masked keys very negative)."""
+  b, t, h, kd = q_BxTxHxK.shape
+  g = k_BxSxGxK.shape[2]
+  q = q_BxTxHxK.reshape(b, t, g, h // g, kd)
+  s = jnp.einsum("btgrk,bsgk->bgrts", q, k_BxSxGxK, preferred_element_type=jnp.float32) * scale
+  s = jnp.where(mask_BxTxS[:, None, None], s, jnp.finfo(jnp.float32).min)
+  return jax.nn.log_softmax(s, axis=-1).reshape(b, h, t, -1)
+
+
 class CausalSelfAttention(nn.Module):
   """LLaMA attention. `cache` = (k f[B,S,G,K], v f[B,S,G,K], write index i32[]) or None.
 
@@ -44,6 +54,8 @@ class CausalSelfAttention(nn.Module):
     "queries":  f[B, T, H, K] query states before RoPE;
     "attn_row": f32[B, S] attention probabilities of the last query, averaged over heads. Only
                 that row is computed, so the full T x S map is never materialised.
+    "attn_logp": f32[B, H, T, S] log attention probabilities of every head (for training
+                losses on attention, e.g. grounding).
   """
   num_heads: int
   num_kv_heads: int
@@ -69,6 +81,8 @@ class CausalSelfAttention(nn.Module):
       cache = (k, v, idx)
     if "attn_row" in self.capture:
       self.sow("intermediates", "attn_row", last_row(q, k, mask_BxTxS, self.head_dim ** -0.5))
+    if "attn_logp" in self.capture:
+      self.sow("intermediates", "attn_logp", log_probs(q, k, mask_BxTxS, self.head_dim ** -0.5))
     out = attend(q, k, v, mask_BxTxS, self.head_dim ** -0.5)
     return nn.Dense(d, use_bias=self.use_bias, dtype=self.dtype, name="o")(out), cache
 

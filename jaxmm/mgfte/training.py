@@ -1,16 +1,22 @@
-"""Optimiser, jitted train/predict steps, evaluation and model folders for MG-FTE (§4, §5)."""
+"""Optimiser, jitted train/predict steps, evaluation and model folders for MG-FTE (§4, §5).
+
+This is also the `jaxmm.registry` module of family "mgfte": `Config` reads a trained folder's
+config (`ExtractorConfig`) and `forward` decodes episodes, so `jaxmm.load` / `jaxmm.forward`
+work on the folders `save_extractor` writes.
+"""
 import dataclasses
 from pathlib import Path
 from typing import Callable
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from tqdm import tqdm
 
-from jaxmm import checkpoint
-from jaxmm.errors import JaxmmError
+from jaxmm import api, checkpoint
+from jaxmm.errors import ConfigError, InputError, JaxmmError
 from jaxmm.mgfte import metrics
 from jaxmm.mgfte import model as model_lib
 from jaxmm.mgfte.episodes import EpisodeSampler
@@ -18,6 +24,8 @@ from jaxmm.models import bert
 
 TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 MODEL_KEYS = ("s_ids", "s_mask", "s_tags", "q_ids", "q_mask", "q_tags", "q_rel")
+PREDICT_KEYS = MODEL_KEYS[:5]  # what a decode reads: the gold q_tags / q_rel are not used
+FAMILY = "mgfte"
 
 
 def _adam_l2(lr: float, weight_decay: float):
@@ -175,18 +183,75 @@ def tokenizer_files(folder) -> list:
   return [Path(folder) / f for f in TOKENIZER_FILES if (Path(folder) / f).is_file()]
 
 
+@dataclasses.dataclass(frozen=True)
+class ExtractorConfig:
+  """The config of a trained MG-FTE folder: its BERT encoder's and its head's. `to_dict` is the
+  `config` of the folder's jaxmm.json; `from_dict` reads it back (unknown keys are an error)."""
+  bert: bert.Config
+  mgfte: model_lib.Config
+
+  def to_dict(self) -> dict:
+    return {"bert": self.bert.to_dict(), "mgfte": self.mgfte.to_dict()}
+
+  @classmethod
+  def from_dict(cls, d: dict) -> "ExtractorConfig":
+    if sorted(d) != ["bert", "mgfte"]:
+      raise ConfigError(f"an MG-FTE config holds the keys ['bert', 'mgfte'], not {sorted(d)}")
+    return cls(bert.Config.from_dict(d["bert"]), model_lib.Config.from_dict(d["mgfte"]))
+
+
+Config = ExtractorConfig  # the name `jaxmm.load` reads a family's folder config with
+
+
+@flax.struct.dataclass
+class ExtractorOutput:
+  """relation i32[B, NQ]: each query's predicted class (0..N-1); tags i32[B, NQ, L]: its
+  Viterbi tag path (entity decoder run on the predicted class)."""
+  relation: jax.Array
+  tags: jax.Array
+
+
+_predict = jax.jit(model_lib.predict, static_argnums=(1, 2))
+
+
+def forward(cfg: ExtractorConfig, params, **batch) -> ExtractorOutput:
+  """`jaxmm.forward` for family "mgfte": the deterministic decode (`model.predict`) of B episodes.
+
+  batch: s_ids, s_mask, s_tags i32[B, N, K, L] (support) and q_ids, q_mask i32[B, NQ, L]
+  (queries); the gold q_tags and q_rel may be passed (as `model_inputs` gives them) and are
+  ignored. Anything else, or a shape mismatch, is an InputError.
+  """
+  _check_batch(batch)
+  rel, tags = _predict(params, cfg.bert, cfg.mgfte,
+                       {k: jnp.asarray(batch[k]) for k in PREDICT_KEYS})
+  return ExtractorOutput(relation=rel, tags=tags)
+
+
+def _check_batch(batch: dict) -> None:
+  missing = [k for k in PREDICT_KEYS if k not in batch]
+  unknown = sorted(set(batch) - set(MODEL_KEYS))
+  if missing or unknown:
+    raise InputError(f"MG-FTE forward takes {', '.join(PREDICT_KEYS)} (q_tags, q_rel optional); "
+                     f"missing {missing}, unknown {unknown}")
+  s, q = np.shape(batch["s_ids"]), np.shape(batch["q_ids"])
+  if not (len(s) == 4 and len(q) == 3 and s[0] == q[0] and s[3] == q[2]
+          and np.shape(batch["s_mask"]) == np.shape(batch["s_tags"]) == s
+          and np.shape(batch["q_mask"]) == q):
+    shapes = ", ".join(f"{k} {list(np.shape(batch[k]))}" for k in PREDICT_KEYS)
+    raise InputError(f"MG-FTE inputs must be support [B, N, K, L] and queries [B, NQ, L]; "
+                     f"got {shapes}")
+
+
 def save_extractor(out, bcfg, mcfg, params, tokenizer_dir, overwrite=True) -> None:
-  """Writes a trained MG-FTE (encoder + head) as a self-contained folder for `jaxmm eval mgfte`."""
-  cfg = {"bert": bcfg.to_dict(), "mgfte": mcfg.to_dict()}
+  """Writes a trained MG-FTE (encoder + head) as a self-contained folder of family "mgfte", for
+  `jaxmm eval mgfte` and `jaxmm.load`."""
   params = jax.tree.map(np.asarray, params)
-  checkpoint.save_model(out, "mgfte", cfg, params, tokenizer_files(tokenizer_dir), overwrite)
+  checkpoint.save_model(out, FAMILY, ExtractorConfig(bcfg, mcfg).to_dict(), params,
+                        tokenizer_files(tokenizer_dir), overwrite)
 
 
 def load_extractor(folder):
-  """(bert.Config, mgfte Config, params) from a folder written by `save_extractor`."""
-  meta = checkpoint.read_meta(folder)
-  if meta["family"] != "mgfte":
-    raise JaxmmError(f"{folder} is a {meta['family']!r} folder, not a trained MG-FTE model")
-  bcfg = bert.Config.from_dict(meta["config"]["bert"])
-  mcfg = model_lib.Config.from_dict(meta["config"]["mgfte"])
-  return bcfg, mcfg, checkpoint.load_params(folder)
+  """(bert.Config, mgfte Config, params) from a folder written by `save_extractor`; the same
+  reader as `jaxmm.load(folder, family="mgfte")`."""
+  m = api.load(folder, family=FAMILY)
+  return m.config.bert, m.config.mgfte, m.params

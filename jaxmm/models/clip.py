@@ -2,8 +2,10 @@
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxmm.config import ClipVisionConfig
+from jaxmm.errors import ConfigError
 from jaxmm.layers.attention import BidirectionalAttention
 from jaxmm.layers.mlp import Mlp
 
@@ -59,3 +61,40 @@ def hidden_states(cfg: ClipVisionConfig, params, pixels_BxCxHxW, upto: int, dtyp
 
   _, ys = jax.lax.scan(body, x, layers_p)
   return jnp.concatenate([x[None], ys], axis=0)
+
+
+def sincos_positions(side: int, d: int) -> np.ndarray:
+  """f32[1 + side*side, d]: 2-D sine/cosine embeddings of a patch grid (zeros for the CLS slot).
+
+  A quarter of the channels each for sin(row), cos(row), sin(col), cos(col), at frequencies
+  1 / 100^(i / (d/4)); every patch gets a distinct unit-scale code that the ViT can read from
+  the first step, which random 0.02-scale embeddings do not give it.
+  """
+  q = d // 4
+  om = 1.0 / 100.0 ** (np.arange(q) / q)
+  rows, cols = np.meshgrid(np.arange(side), np.arange(side), indexing="ij")
+  r, c = rows.reshape(-1, 1) * om, cols.reshape(-1, 1) * om
+  pe = np.concatenate([np.sin(r), np.cos(r), np.sin(c), np.cos(c)], axis=1)
+  pe = np.pad(pe, ((1, 0), (0, d - 4 * q)))
+  return pe.astype(np.float32)
+
+
+def init_params(cfg: ClipVisionConfig, key, pos_init: str = "random") -> dict:
+  """Fresh tower params (usable under `jax.eval_shape`); position embeddings N(0, 0.02)
+  ("random") or the 2-D `sincos_positions` ("sincos")."""
+  k_patch, k_pos, k_layers = jax.random.split(key, 3)
+  d, p, c = cfg.hidden_size, cfg.patch_size, cfg.num_channels
+  x = jnp.zeros((1, cfg.num_patches + 1, d))
+  if pos_init == "sincos":
+    pos = jnp.asarray(sincos_positions(cfg.image_size // p, d))
+  elif pos_init == "random":
+    pos = jax.random.normal(k_pos, (cfg.num_patches + 1, d)) * 0.02
+  else:
+    raise ConfigError(f"pos_init must be 'random' or 'sincos', got {pos_init!r}")
+  layers = jax.vmap(lambda k: EncoderLayer(cfg).init(k, x)["params"])(
+      jax.random.split(k_layers, cfg.num_layers))
+  return {"patch_embed": {"kernel": jax.random.normal(k_patch, (p, p, c, d)) * (p * p * c) ** -0.5},
+          "class_embed": jnp.zeros((d,)),
+          "pos_embed": pos,
+          "pre_ln": {"scale": jnp.ones((d,)), "bias": jnp.zeros((d,))},
+          "layers": layers}

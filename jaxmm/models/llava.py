@@ -3,8 +3,6 @@
 Image features replace the image-placeholder tokens of `input_ids`, in order, over the whole
 batch (transformers' `masked_scatter` semantics).
 """
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,9 +11,8 @@ from jaxmm import inputs as inputs_lib
 from jaxmm.config import LlavaConfig
 from jaxmm.errors import InputError
 from jaxmm.layers.mlp import Mlp
-from jaxmm.models import clip, llama, segments
-from jaxmm.models.outputs import CausalLMOutput
-from jaxmm.pruning import schedule as schedule_lib
+from jaxmm.models import clip, core, llama
+from jaxmm.models.family import Prepared
 from jaxmm.pruning.state import TokenState
 
 Config = LlavaConfig
@@ -52,39 +49,14 @@ def input_embeddings(cfg: LlavaConfig, params, input_ids_BxT, pixel_values):
   return merge_image_features(cfg, x, input_ids_BxT, image_features(cfg, params, pixel_values))
 
 
-def token_state(cfg: LlavaConfig, params, input_ids_BxT, pixel_values, mask_BxT, pos_BxT):
+def token_state(cfg: LlavaConfig, params, arrays: dict) -> TokenState:
   """The TokenState entering the decoder: merged embeddings, positions, masks, origins."""
-  b, t = input_ids_BxT.shape
-  return TokenState(hidden=input_embeddings(cfg, params, input_ids_BxT, pixel_values),
-                    positions=pos_BxT, valid=mask_BxT,
-                    visual=(input_ids_BxT == cfg.image_token_id) & mask_BxT,
+  ids, mask = arrays["input_ids"], arrays["attention_mask"]
+  b, t = ids.shape
+  return TokenState(hidden=input_embeddings(cfg, params, ids, arrays.get("pixel_values")),
+                    positions=arrays["position_ids"], valid=mask,
+                    visual=(ids == cfg.image_token_id) & mask,
                     origin=jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)))
-
-
-def captured_forward(cfg: LlavaConfig, params, input_ids, pixel_values, mask, positions, capture):
-  """Unpruned forward that also returns `capture`'s per-layer stacks (see analysis.capture)."""
-  x = input_embeddings(cfg, params, input_ids, pixel_values)
-  slots = jnp.broadcast_to(jnp.arange(x.shape[1]), mask.shape)
-  h, _, ys = llama.run_layers(cfg.text, params["llm"]["layers"], x, positions,
-                              llama.attention_mask(slots, mask), stack=capture.names())
-  if "hidden" in ys:
-    ys["hidden"] = jnp.concatenate([x[None], ys["hidden"]], axis=0)
-  ys["visual"] = (input_ids == cfg.image_token_id) & mask
-  return CausalLMOutput(logits=llama.lm_logits(cfg.text, params["llm"], h), captured=ys)
-
-
-@functools.partial(jax.jit, static_argnames=("cfg", "schedule", "capture"))
-def _forward(cfg, params, input_ids, pixel_values, mask, positions, keys, schedule, capture=None):
-  if capture is not None:
-    return captured_forward(cfg, params, input_ids, pixel_values, mask, positions, capture)
-  if not schedule:
-    x = input_embeddings(cfg, params, input_ids, pixel_values)
-    return CausalLMOutput(logits=llama.decode_embeds(cfg.text, params["llm"], x, mask, positions))
-  state = token_state(cfg, params, input_ids, pixel_values, mask, positions)
-  segs, kept = segments.prefill(cfg.text, params["llm"]["layers"], state, schedule, keys)
-  final = segs[-1].state
-  return CausalLMOutput(logits=llama.lm_logits(cfg.text, params["llm"], final.hidden), kept=kept,
-                        origin=final.origin)
 
 
 def check_images(cfg: LlavaConfig, input_ids, pixel_values):
@@ -106,35 +78,52 @@ def check_images(cfg: LlavaConfig, input_ids, pixel_values):
   return px
 
 
-def check_inputs(cfg: LlavaConfig, ids, pixel_values, schedule):
-  """Host-side checks; returns (pixel values or None, the schedule resolved to static counts)."""
-  px = check_images(cfg, ids, pixel_values)
-  if not schedule:
-    return px, ()
-  if isinstance(schedule, str):
-    schedule = schedule_lib.parse(schedule)
-  vis = np.sum(np.asarray(ids) == cfg.image_token_id, axis=1)
-  if vis.min() != vis.max():
-    raise InputError(f"pruning needs the same number of visual tokens in every example, got {vis.tolist()}")
-  return px, schedule_lib.resolve(schedule, int(vis[0]), cfg.text.num_layers)
+# ---- the `llava` family (models.family) -----------------------------------------------------------
+
+NAME = "llava"
+INPUTS = frozenset({"input_ids", "attention_mask", "position_ids", "pixel_values"})
 
 
-def forward(cfg: LlavaConfig, params, *, input_ids, pixel_values=None, attention_mask=None,
-            position_ids=None, schedule=None, seed: int = 0, example_ids=None, capture=None):
-  """input_ids i32[B, T] with `cfg.num_image_tokens` placeholders per image; pixel_values
-  f32[images, C, H, W]; attention_mask {0,1}[B, T].
+def prepare(cfg: LlavaConfig, inputs: dict) -> Prepared:
+  """Host-side checks; each example may hold any number of images (0, 1, 2, ...), so its
+  visual-token count is its own (`num_image_tokens` per image)."""
+  ids, mask, pos = inputs_lib.text_inputs(inputs["input_ids"], inputs.get("attention_mask"),
+                                          inputs.get("position_ids"))
+  px = check_images(cfg, ids, inputs.get("pixel_values"))
+  visual = (np.asarray(ids) == cfg.image_token_id) & np.asarray(mask)
+  n_vis = visual.sum(axis=1)
+  return Prepared({"input_ids": ids, "attention_mask": mask, "position_ids": pos,
+                   "pixel_values": px}, visual_B=n_vis, text_B=np.asarray(mask).sum(1) - n_vis)
 
-  Returns CausalLMOutput(logits f32[B, T, V]). With a pruning `schedule` (text such as
-  "entropy@2:98" or a parsed one; random pruning draws from fold_in(PRNGKey(seed), example id),
-  `example_ids` defaulting to the row numbers) the logits cover the T' tokens
-  left after the last stage, `origin` i32[B, T'] gives their index in the unpruned sequence and
-  `kept` holds, per stage, the original indices i32[B, k] of the kept visual tokens.
-  `capture`: an `analysis.capture.Capture` (unpruned only) fills `captured`; see that module."""
-  ids, mask, pos = inputs_lib.text_inputs(input_ids, attention_mask, position_ids)
-  px, sched = check_inputs(cfg, ids, pixel_values, schedule)
-  if capture is not None and sched:
-    raise InputError("capture runs the unpruned forward; it cannot be combined with a schedule")
-  keys = inputs_lib.example_keys(seed, ids.shape[0], example_ids)
-  if capture is None:  # the call (and its jit cache entry) is exactly the plain forward's
-    return _forward(cfg, params, ids, px, mask, pos, keys, sched)
-  return _forward(cfg, params, ids, px, mask, pos, keys, sched, capture)
+
+def decoder(cfg: LlavaConfig) -> llama.Decoder:
+  return llama.Decoder(cfg.text)
+
+
+def decoder_params(params) -> dict:
+  return params["llm"]
+
+
+def init_params(cfg: LlavaConfig, key, pos_init: str = "random", llm=None) -> dict:
+  """A freshly initialised LLaVA params tree (usable under `jax.eval_shape`): the CLIP tower
+  (`clip.init_params`), the projector and the LLaMA decoder (`llama.init_params`, or the
+  given `llm` params, e.g. a pretrained decoder to keep frozen)."""
+  k_v, k_p, k_t = jax.random.split(key, 3)
+  d_in, d = cfg.vision.hidden_size * len(cfg.feature_layers), cfg.text.hidden_size
+  proj = Mlp(d, d, cfg.projector_hidden_act, cfg.multimodal_projector_bias)
+  return {"vision": clip.init_params(cfg.vision, k_v, pos_init),
+          "projector": proj.init(k_p, jnp.zeros((1, d_in)))["params"],
+          "llm": llama.init_params(cfg.text, k_t) if llm is None else llm}
+
+
+def rules(cfg: LlavaConfig) -> list:
+  """The converter's name table (the transformers-5 file layout)."""
+  from converters.llava import llava_rules  # converters import the models, not the reverse
+  return llava_rules(cfg, "hf")
+
+
+def forward(cfg: LlavaConfig, params, **inputs):
+  """input_ids i32[B, T] with `cfg.num_image_tokens` placeholders per image (any number of
+  images per example); pixel_values f32[images, C, H, W]; attention_mask {0,1}[B, T].
+  See `models.core.forward` for schedule, seed, example_ids and capture."""
+  return core.forward(NAME, cfg, params, **inputs)

@@ -1,16 +1,20 @@
-"""The decoder as segments split at the pruning layers of a schedule.
+"""The one prefill path: the decoder as segments split at the pruning layers of a schedule.
 
 A schedule of stages at layers K1 < K2 < ... cuts the stacked layers into [0, K1), [K1, K2), ...,
 [Kn, L). Each segment is one `lax.scan` over a static slice of the stacked params with its own
 static sequence length; between segments a pruning stage gathers the kept tokens. When a stage
 needs quantities of layer K-1 (queries, the last token's attention row), that one layer runs with
-opt-in capture; nothing else is computed for methods that do not ask.
+opt-in capture; nothing else is computed for methods that do not ask. Unpruned is the empty
+schedule. Captures are options of the same path: `stack` (per-layer values, unpruned only) and
+`probes` (values of chosen layers, which cut the ranges there as a stage does).
+
+Only the decoder interface (`models.decoder`) is used: no model family is imported here.
 """
 import flax.struct
 import jax
 import jax.numpy as jnp
 
-from jaxmm.models import llama
+from jaxmm.models.decoder import Decoder, attention_mask
 from jaxmm.pruning import schedule as schedule_lib
 from jaxmm.pruning import select
 from jaxmm.pruning.state import TokenState
@@ -18,10 +22,24 @@ from jaxmm.pruning.state import TokenState
 
 @flax.struct.dataclass
 class Segment:
-  """One segment's prefill result: its token state and, when generating, its KV cache."""
+  """One segment's prefill result: its layer range, its token state and, when generating, its
+  KV cache."""
   state: TokenState
   kv: tuple | None        # (k, v) f[L_seg, B, S_seg, G, K], S_seg = N_seg + max_new_tokens
   kv_valid: jax.Array | None   # bool[B, S_seg]
+  start: int = flax.struct.field(pytree_node=False, default=0)
+  end: int = flax.struct.field(pytree_node=False, default=0)
+
+
+@flax.struct.dataclass
+class Prefill:
+  """segments: one per layer range (each state holds the hidden states leaving it); kept: per
+  stage i32[B, k] original indices of the kept visual tokens (-1 padded); stacked: the `stack`
+  captures f[L, ...]; probed: {layer: {name: value}} of the `probes`."""
+  segments: list
+  kept: tuple
+  stacked: dict
+  probed: dict
 
 
 def layer_ranges(schedule, num_layers: int) -> list[tuple[int, int]]:
@@ -30,46 +48,62 @@ def layer_ranges(schedule, num_layers: int) -> list[tuple[int, int]]:
   return [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
 
 
-def _empty_kv(cfg, n_layers, b, s, dtype):
-  shape = (n_layers, b, s, cfg.num_kv_heads, cfg.head_dim)
-  return (jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
-
-
-def run_range(cfg, layers_p, state, start, end, needs=frozenset(), max_new=None):
+def run_range(dec: Decoder, params, state: TokenState, start: int, end: int,
+              needs=frozenset(), max_new=None, stack=()):
   """Layers [start, end) on `state` as one scan; the last layer's `needs` are captured.
 
-  Returns (Segment, aux): aux maps each need to its capture from layer end-1 (see attention)."""
+  Returns (Segment, LayersOut): `.last` maps each need to its capture from layer end-1.
+  `max_new=None` builds no KV cache (plain forward)."""
   b, n = state.valid.shape
   kv_valid = None if max_new is None else jnp.concatenate(
       [state.valid, jnp.zeros((b, max_new), bool)], axis=1)
   valid = state.valid if kv_valid is None else kv_valid
-  mask = llama.attention_mask(jnp.broadcast_to(jnp.arange(n), (b, n)), valid)
-  kv = None if max_new is None else _empty_kv(cfg, end - start, b, n + max_new, state.hidden.dtype)
-  x, kv, *aux = llama.run_layers(cfg, layers_p, state.hidden, state.positions, mask, kv,
-                                 start=start, end=end, capture=tuple(sorted(needs)))
-  return Segment(state.replace(hidden=x), kv, kv_valid), (aux[0] if aux else {})
+  mask = attention_mask(jnp.broadcast_to(jnp.arange(n), (b, n)), valid)
+  kv = None
+  if max_new is not None:
+    shape = (end - start, *dec.kv_shape(b, n + max_new))
+    kv = (jnp.zeros(shape, state.hidden.dtype), jnp.zeros(shape, state.hidden.dtype))
+  out = dec.run(params, state.hidden, state.positions, mask, kv, 0, start, end,
+                capture=tuple(sorted(needs)), stack=tuple(stack))
+  return Segment(state.replace(hidden=out.x), out.kv, kv_valid, start, end), out
 
 
-def prefill(cfg, layers_p, state: TokenState, schedule, keys_B, max_new=None):
+def _cuts(schedule, probes, num_layers: int) -> list[int]:
+  """Where ranges end: each stage's layer, after each probed layer, and at L."""
+  return sorted({s.layer for s in schedule} | {l + 1 for l in probes} | {num_layers})
+
+
+def prefill(dec: Decoder, params, state: TokenState, schedule, keys_B, max_new=None,
+            stack=(), probes=None) -> Prefill:
   """Runs all layers over the prompt, pruning per the (resolved) schedule.
 
   keys_B: one PRNG key per example (random pruning draws from the example's own key, so an
-  example prunes the same way alone or in any batch).
-  Returns (segments, kept): one Segment per layer range (its state holds the hidden states
-  leaving the segment), and per stage the original indices i32[B, k] of the kept visual tokens.
-  `max_new=None` skips the KV caches (plain forward).
+  example prunes the same way alone or in any batch). `stack`: per-layer capture names
+  (`decoder.STACK_CAPTURES`), only without pruning. `probes`: {layer: names} of carry captures
+  (`decoder.CARRY_CAPTURES`) to return from those layers.
   """
-  segments, kept, start = [], [], 0
-  for i, stage in enumerate(schedule):
-    aux = {}
-    if stage.layer > start:  # resolve() guarantees increasing layers and K >= 1 for needs
-      needs = schedule_lib.needs((stage,))
-      seg, aux = run_range(cfg, layers_p, state, start, stage.layer, needs, max_new)
+  probes = probes or {}
+  if stack and schedule:
+    raise ValueError("per-layer captures run the unpruned prefill; the schedule must be empty")
+  stages = {s.layer: (i, s) for i, s in enumerate(schedule)}
+  segments, kept, stacks, probed, start = [], [], [], {}, 0
+  for cut in _cuts(schedule, probes, dec.num_layers):
+    last = {}
+    if cut > start:   # resolve() guarantees increasing layers and K >= 1 for needs
+      needs = set(probes.get(cut - 1, ()))
+      if cut in stages:
+        needs |= schedule_lib.needs((stages[cut][1],))
+      seg, out = run_range(dec, params, state, start, cut, needs, max_new, stack)
       segments.append(seg)
-      state = seg.state
-    stage_keys = jax.vmap(lambda k: jax.random.fold_in(k, i))(keys_B)
-    state = select.apply_stage(stage, state, aux, stage_keys)
-    kept.append(select.kept_indices(state))
-    start = stage.layer
-  seg, _ = run_range(cfg, layers_p, state, start, cfg.num_layers, frozenset(), max_new)
-  return segments + [seg], tuple(kept)
+      stacks.append(out.stacked)
+      state, last = seg.state, out.last
+      if cut - 1 in probes:
+        probed[cut - 1] = {k: last[k] for k in probes[cut - 1]}
+    if cut in stages:
+      i, stage = stages[cut]
+      stage_keys = jax.vmap(lambda k: jax.random.fold_in(k, i))(keys_B)
+      state = select.apply_stage(stage, state, last, stage_keys)
+      kept.append(select.kept_indices(state))
+    start = cut
+  stacked = {k: jnp.concatenate([s[k] for s in stacks], axis=0) for k in stack}
+  return Prefill(segments, tuple(kept), stacked, probed)

@@ -16,11 +16,12 @@ NEEDS = frozenset()
 def visual_rank(state_1: TokenState):
   """i32[N]: for visual slots, the token's index among the unpruned sequence's visual tokens.
 
-  Non-visual slots (text, padding) are never dropped and order is preserved, so the number of
-  non-visual slots before a slot is the same as in the unpruned sequence; subtracting it from
-  the slot's origin leaves the number of visual tokens before it there.
+  Non-visual slots of the unpruned sequence (text, padding) are never dropped and order is
+  preserved, so the number of them before a slot is the same as in the unpruned sequence;
+  subtracting it from the slot's origin leaves the number of visual tokens before it there.
+  Filler slots of a ragged batch (origin -1) are not of the unpruned sequence and do not count.
   """
-  nonvis = (~state_1.visual).astype(jnp.int32)
+  nonvis = (~state_1.visual & (state_1.origin >= 0)).astype(jnp.int32)
   return state_1.origin - (jnp.cumsum(nonvis) - nonvis)
 
 

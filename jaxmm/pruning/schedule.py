@@ -10,6 +10,8 @@ import fractions
 import math
 import re
 
+import numpy as np
+
 from jaxmm.errors import InputError
 from jaxmm.pruning import divprune, entropy, fastv
 from jaxmm.pruning import random as random_method
@@ -26,14 +28,20 @@ class Stage:
   """Prune before decoder layer `layer` (0 = at the LLM input), keeping `keep` visual tokens.
 
   keep: a count, or a percentage string such as "25%" of the visual tokens entering the stage.
-  visual_in: visual tokens per example entering the stage; set by `resolve` (None before). It
-  makes the pruned length a static number.
+  Set by `resolve` (None before), so that every length is a static number:
+    visual_in: the visual capacity entering (the most visual tokens any example holds); keep
+      becomes the count kept at that capacity, and `percent` remembers a percentage, which each
+      example applies to its own count (a count keeps min(keep, n_b));
+    out_len: the sequence length leaving the stage when the batch's length was given: the
+      longest example's (None: N - visual_in + keep, right when every example holds visual_in).
   """
   method: str
   layer: int
   keep: int | str
   positions: str = "preserve"
   visual_in: int | None = None
+  percent: str | None = None
+  out_len: int | None = None
 
   def __str__(self):
     return f"{self.method}@{self.layer}:{self.keep}"
@@ -106,9 +114,9 @@ def parse(text: str, positions: str | None = None) -> Schedule:
 
 
 def keep_count(keep: int | str, n_in: int) -> int:
-  """A count as is; a percentage of the `n_in` entering tokens, rounded half up."""
+  """A count as is; a percentage of the `n_in` entering tokens, rounded half up (exactly)."""
   if isinstance(keep, str):
-    return math.floor(float(keep.rstrip("%")) * n_in / 100 + 0.5)
+    return math.floor(fractions.Fraction(keep.rstrip("%")) * n_in / 100 + fractions.Fraction(1, 2))
   return keep
 
 
@@ -118,24 +126,42 @@ def _resolve_stage(stage: Stage, n_in: int, num_layers: int) -> Stage:
   if not min_layer(stage.method) <= stage.layer < num_layers:
     raise InputError(f"schedule stage {stage}: layer must be in [{min_layer(stage.method)}, "
                      f"{num_layers - 1}] for this {num_layers}-layer model")
-  k = keep_count(stage.keep, n_in)
+  pct = stage.keep if isinstance(stage.keep, str) else stage.percent
+  k = keep_count(pct or stage.keep, n_in)   # a resolved stage re-resolves from its percentage
   if not isinstance(k, int) or not 0 <= k <= n_in:
     raise InputError(f"schedule stage {stage}: keeps {k} visual tokens but only {n_in} enter it")
-  return dataclasses.replace(stage, keep=k, visual_in=n_in)
+  return dataclasses.replace(stage, keep=k, visual_in=n_in, percent=pct)
 
 
-def resolve(schedule: Schedule, n_visual: int, num_layers: int) -> Schedule:
+def _per_example(stage: Stage, n_B):
+  """Each example's kept visual tokens: min(keep, n_b), or the percentage of its own n_b."""
+  if stage.percent is not None:
+    return [keep_count(stage.percent, int(n)) for n in n_B]
+  return [min(stage.keep, int(n)) for n in n_B]
+
+
+def resolve(schedule: Schedule, n_visual, num_layers: int, seq_len: int | None = None) -> Schedule:
   """Checks a schedule against a model and an input; returns it with integer keep counts.
 
-  n_visual: visual tokens per example at the LLM input (the same for every example).
+  n_visual: visual tokens at the LLM input, one int for every example, or one per example (a
+  ragged batch: the capacity is their maximum). seq_len: the input's padded length; with it
+  each stage's `out_len` is the longest example leaving it (needed when the counts differ).
   """
   if isinstance(schedule, str):
     schedule = parse(schedule)
   _check_order(schedule)
-  out, n_in = [], n_visual
+  n_B = [int(n) for n in np.atleast_1d(n_visual)]
+  if seq_len is None and len(set(n_B)) > 1:
+    raise InputError(f"examples hold different visual-token counts {n_B}: give seq_len too")
+  out, cap, length = [], max(n_B, default=0), seq_len
   for stage in schedule:
-    out.append(_resolve_stage(stage, n_in, num_layers))
-    n_in = out[-1].keep
+    st = _resolve_stage(stage, cap, num_layers)
+    k_B = _per_example(st, n_B)
+    if length is not None:   # every non-visual slot stays; each example drops n_b - k_b
+      length = max(length - n + k for n, k in zip(n_B, k_B))
+      st = dataclasses.replace(st, out_len=length)
+    out.append(st)
+    cap, n_B = st.keep, k_B
   return tuple(out)
 
 

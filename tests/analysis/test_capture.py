@@ -9,7 +9,7 @@ import torch
 
 from jaxmm.analysis.capture import Capture
 from jaxmm.errors import InputError
-from jaxmm.models import llama, llava
+from jaxmm.models import core, llama, llava
 from jaxmm.models.outputs import CausalLMOutput
 from tiny_hf import hf_positions, llava_batch, tiny_llava
 
@@ -68,17 +68,21 @@ def test_capture_off_compiles_the_plain_forward(tiny):
   _, cfg, params, ids, mask, px = tiny
   ids_, mask_ = jnp.asarray(ids), jnp.asarray(mask, bool)
   pos, keys = jnp.asarray(hf_positions(mask)), jax.random.split(jax.random.PRNGKey(0), 2)
+  arrays = {"input_ids": ids_, "pixel_values": jnp.asarray(px), "attention_mask": mask_,
+            "position_ids": pos}
 
-  def plain(params, input_ids, pixel_values, mask, positions, keys):  # the forward before capture
-    x = llava.input_embeddings(cfg, params, input_ids, pixel_values)
-    return CausalLMOutput(logits=llama.decode_embeds(cfg.text, params["llm"], x, mask, positions))
+  def plain(params, arrays, keys):  # the forward before capture
+    x = llava.input_embeddings(cfg, params, arrays["input_ids"], arrays["pixel_values"])
+    return CausalLMOutput(logits=llama.decode_embeds(cfg.text, params["llm"], x,
+                                                     arrays["attention_mask"],
+                                                     arrays["position_ids"]))
 
-  args = (params, ids_, jnp.asarray(px), mask_, pos, keys)
-  off = llava._forward.lower(cfg, *args, ())
+  args = (params, arrays, keys)
+  off = core._forward.lower("llava", cfg, *args, ())
   want = jax.jit(plain).lower(*args)
   assert _hlo(off) == _hlo(want)
-  on = llava._forward.lower(cfg, *args, (), Capture(hidden=True))
+  on = core._forward.lower("llava", cfg, *args, (), Capture(hidden=True))
   assert _hlo(on) != _hlo(want)
   # the capture-off output pytree holds only the logits
-  out = llava._forward(cfg, *args, ())
+  out = core._forward("llava", cfg, *args, ())
   assert [x.shape for x in jax.tree.leaves(out)] == [(2, ids.shape[1], cfg.text.vocab_size)]

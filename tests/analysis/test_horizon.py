@@ -42,7 +42,7 @@ def test_window_probs_match_masked_forward(tiny, layer):
   out, pos = _captured(cfg, params, ids, mask, px)
   cap = out.captured
   target = int(np.argmax(out.logits[0, -1]))
-  p = np.asarray(horizon.window_probs(cfg.text, params["llm"], cap["hidden"][layer][0], pos[0],
+  p = np.asarray(horizon.window_probs(llava.decoder(cfg), params["llm"], cap["hidden"][layer][0], pos[0],
                                       mask[0].astype(bool), cap["visual"][0], target, layer, grid))
   vis = np.flatnonzero(np.asarray(cap["visual"][0]))
   wins = horizon.windows(grid)
@@ -53,8 +53,8 @@ def test_window_probs_match_masked_forward(tiny, layer):
     m[w, vis[win]] = True
   slots = np.broadcast_to(np.arange(ids.shape[1]), m.shape)
   h0 = np.repeat(np.asarray(cap["hidden"][layer]), len(m), axis=0)
-  h, _ = llama.run_layers(cfg.text, params["llm"]["layers"], h0, np.repeat(pos, len(m), axis=0),
-                          llama.attention_mask(slots, m), start=layer, end=cfg.text.num_layers)
+  h = llama.run_layers(cfg.text, params["llm"]["layers"], h0, np.repeat(pos, len(m), axis=0),
+                       llama.attention_mask(slots, m), start=layer, end=cfg.text.num_layers).x
   ref = jax.nn.softmax(llama.lm_logits(cfg.text, params["llm"], h)[:, -1])[:, target]
   np.testing.assert_allclose(p, np.asarray(ref), rtol=0, atol=1e-6)
   if layer == 0:  # at the input this is the model's own forward on the masked prompt
@@ -77,7 +77,7 @@ def test_unseen_window_has_zero_information(tiny):
   cap = out.captured
   target = int(np.argmax(out.logits[0, -1]))
   layers = range(cfg.text.num_layers)
-  info = horizon.information(cfg.text, params["llm"], cap["hidden"][:, 0], pos[0],
+  info = horizon.information(llava.decoder(cfg), params["llm"], cap["hidden"][:, 0], pos[0],
                              m[0].astype(bool), ids[0] == cfg.image_token_id, target, grid, layers)
   assert info.shape == (len(layers), (grid // 2) ** 2)
   assert np.abs(info[:, 0]).max() <= 1e-7

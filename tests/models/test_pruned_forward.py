@@ -64,10 +64,12 @@ def test_fastv_row_matches_transformers_attentions(tiny):
                attention_mask=torch.tensor(mask), position_ids=torch.tensor(hf_positions(mask)),
                output_attentions=True)
   ref = hf.attentions[k_layer - 1][:, :, -1, :].mean(1).numpy()
-  state = llava.token_state(cfg, params, ids, px, mask.astype(bool), hf_positions(mask))
-  _, aux = segments.run_range(cfg.text, params["llm"]["layers"], state, 0, k_layer,
-                               frozenset({"attn_row"}), None)
-  ours = np.asarray(aux["attn_row"])
+  arrays = {"input_ids": ids, "pixel_values": px, "attention_mask": mask.astype(bool),
+            "position_ids": hf_positions(mask)}
+  state = llava.token_state(cfg, params, arrays)
+  _, out = segments.run_range(llava.decoder(cfg), llava.decoder_params(params), state, 0, k_layer,
+                              frozenset({"attn_row"}), None)
+  ours = np.asarray(out.last["attn_row"])
   valid = mask.astype(bool)
   assert np.abs(ours - ref)[valid].max() <= 1e-5
   vis = ids == cfg.image_token_id

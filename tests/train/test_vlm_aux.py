@@ -112,11 +112,11 @@ def test_grounding_loss_equals_the_attention_mass_computed_by_hand(run, count_he
   pos, mask = inputs.positions_from_mask(valid), llama.attention_mask(slots, valid)
   feats = llava.image_features(cfg, params, px)
   x = llava.merge_image_features(cfg, llama.embed(cfg.text, params["llm"], ids), ids, feats)
-  *_, ys = llama.run_layers(cfg.text, params["llm"]["layers"], x, pos, mask, stack=("hidden",))
+  ys = llama.run_layers(cfg.text, params["llm"]["layers"], x, pos, mask, stack=("hidden",)).stacked
   h = ys["hidden"][TC.ground_layer - 1]
-  lp = jax.tree.map(lambda a: a[TC.ground_layer], params["llm"]["layers"])
+  _, _, logp = vlm.decoder_pass(cfg, tc, params, ids, feats)   # the training forward's capture
   for fn in (vlm.grounding_loss, jax.jit(vlm.grounding_loss, static_argnums=(0, 1))):
-    got = fn(cfg, tc, lp, h, pos, mask, ids, key, cells, px)
+    got = fn(cfg, tc, logp, mask, ids, key, cells, px)
     want = _grounding_np(run, h, ids, key, cells, px, count_head)
     np.testing.assert_allclose(got, want, rtol=2e-5)
 
