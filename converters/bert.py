@@ -4,7 +4,7 @@
 task models (`BertForMaskedLM`, `BertForPreTraining`, ...) prefix them with `bert.` and add
 heads under `cls.`, which the encoder does not use.
 """
-from converters.common import Plan, Rule
+from jaxmm.converters.common import Plan, Rule
 from jaxmm.errors import ConversionError
 from jaxmm.models.bert import Config
 

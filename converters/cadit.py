@@ -11,7 +11,7 @@ LeNet flattens its conv features in NCHW order, so `fc1` needs no permutation.
 """
 import numpy as np
 
-from converters.common import Rule, TensorSource, convert, export
+from jaxmm.converters.common import Rule, TensorSource, convert, export
 from jaxmm.cadit.config import Config
 
 ROLES = ("g_st", "g_ts", "d_t", "d_s", "c_s", "c_t", "dom")

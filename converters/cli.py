@@ -3,7 +3,7 @@
 Usage: jaxmm convert SRC OUT [--dtype float32|bfloat16] [--overwrite]
 
 The family comes from `config.json`'s `model_type`. A family converter is a function
-`plan(hf_config: dict, names: list[str]) -> converters.common.Plan` (listed in `PLANNERS`);
+`plan(hf_config: dict, names: list[str]) -> jaxmm.converters.common.Plan` (listed in `PLANNERS`);
 this module does the rest: stream the tensors through the plan's rules, then write OUT
 atomically with the params, `jaxmm.json`, the source config as `hf_config.json`, and the
 tokenizer / processor files, so OUT is self-contained.
@@ -18,15 +18,15 @@ from pathlib import Path
 import numpy as np
 
 import jaxmm.cli
-from converters import common
+from jaxmm.converters import common
 from jaxmm import checkpoint
 from jaxmm.errors import ConfigError, ConversionError
 
 # model_type -> "module:function" returning a common.Plan. Imported lazily.
 PLANNERS = {
-    "llava": "converters.llava:plan_llava",
-    "llama": "converters.llava:plan_llama",
-    "bert": "converters.bert:plan",
+    "llava": "jaxmm.converters.llava:plan_llava",
+    "llama": "jaxmm.converters.llava:plan_llama",
+    "bert": "jaxmm.converters.bert:plan",
 }
 
 # Files copied verbatim from SRC when present: what tokenizers, processors and generation need.
@@ -52,7 +52,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 def run(args) -> int:
   src = Path(args.src)
   if src.suffix == ".gguf":
-    from converters.gguf import gguf_to_hf  # pulls in torch/transformers: only for GGUF
+    from jaxmm.converters.gguf import gguf_to_hf  # pulls in torch/transformers: only for GGUF
     with tempfile.TemporaryDirectory(prefix="jaxmm-gguf-") as tmp:
       gguf_to_hf(src, Path(tmp) / "hf")
       out = convert_folder(Path(tmp) / "hf", args.out, args.dtype, args.overwrite)

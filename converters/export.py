@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 
 import jaxmm.cli
-from converters import common
-from converters import llava as llava_conv
-from converters.cli import AUX_FILES
+from jaxmm.converters import common
+from jaxmm.converters import llava as llava_conv
+from jaxmm.converters.cli import AUX_FILES
 from jaxmm import api, checkpoint
 from jaxmm.config import LlamaConfig, LlavaConfig
 from jaxmm.errors import ConversionError

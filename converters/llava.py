@@ -6,7 +6,7 @@ present (see `LAYOUTS`).
 """
 import re
 
-from converters.common import Plan, Rule
+from jaxmm.converters.common import Plan, Rule
 from jaxmm.config import ClipVisionConfig, LlamaConfig, LlavaConfig
 from jaxmm.errors import ConversionError
 

@@ -27,7 +27,7 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
 
 def load(args):
   """(model, question rows, Prompter). Rejects non-LLaVA models."""
-  from eval.vqa import Prompter
+  from jaxmm.eval.vqa import Prompter
   m = api.load(args.model)
   if not hasattr(m.config, "num_image_tokens"):
     raise InputError(f"{args.model}: analyses need a LLaVA-family model, got {m.family}")
@@ -40,7 +40,7 @@ def load(args):
 def captured(m, rows, pr, image_folder, capture: Capture, desc: str):
   """Yields (row, ids i32[1, T], mask [1, T], out with `captured`, seconds) per readable question;
   unreadable images are reported on stderr and skipped."""
-  from eval.vqa import load_image
+  from jaxmm.eval.vqa import load_image
   texts = [pr.text(r["text"]) for r in rows]
   length = pr.max_length(texts)
   for r, text in tqdm(list(zip(rows, texts)), desc=desc, unit="q"):

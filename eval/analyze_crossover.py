@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 
 import jaxmm.cli
-from eval import analyze_common as common
-from eval import vqa as eval_vqa
+from jaxmm.eval import analyze_common as common
+from jaxmm.eval import vqa as eval_vqa
 from jaxmm import checkpoint
 from jaxmm.data import vqa
 from jaxmm.errors import InputError
@@ -64,7 +64,7 @@ def crossover_layer(layers, acc_method, acc_random_RxK, n: int):
 
 def sweep(m, rows, key, image_folder, method, keep, layers, seeds, batch,
           max_new_tokens) -> list[dict]:
-  """Per layer, the scores (`eval.vqa.score`) of the method and of each random draw."""
+  """Per layer, the scores (`jaxmm.eval.vqa.score`) of the method and of each random draw."""
   def scores(text, positions, seed):
     lines, _, _ = eval_vqa.answer_all(m, rows, image_folder,
                                       schedule_lib.parse(text, positions=positions), batch,

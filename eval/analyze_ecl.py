@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 import jaxmm.cli
-from eval import analyze_common as common
+from jaxmm.eval import analyze_common as common
 from jaxmm import checkpoint
 from jaxmm.analysis import ecl
 from jaxmm.analysis.capture import Capture

@@ -5,7 +5,7 @@ tokens), 6 layers, width 256; LLaMA 8 layers, width 512, 8 heads; batch 1, ~40 t
 Both run the same random weights (converted from the torch model). Runs are interleaved and
 repeated; medians and the ratio jaxmm/torch go to stdout and to `--out` (JSON).
 
-  python -m eval.bench_prefill [--runs 7] [--text-tokens 40] [--out results/bench_prefill.json]
+  python -m jaxmm.eval.bench_prefill [--runs 7] [--text-tokens 40] [--out results/bench_prefill.json]
 """
 import argparse
 import os
@@ -36,7 +36,7 @@ def hf_config(cfg):
 
 def build(seed=0):
   """(torch model, jaxmm config, jaxmm params) with the same random weights."""
-  from converters.cli import convert_model
+  from jaxmm.converters.cli import convert_model
   from jaxmm import config as config_lib
   from transformers import LlavaForConditionalGeneration
   torch.manual_seed(seed)

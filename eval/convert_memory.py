@@ -7,7 +7,7 @@ it writes. The requirement is peak RSS < 2x the output's parameter bytes. The RS
 importing the converter (python, numpy, jax, orbax) is measured the same way and reported
 separately, as is the largest single tensor.
 
-  python -m eval.convert_memory [--out results/convert_memory.json] [--dtype float32]
+  python -m jaxmm.eval.convert_memory [--out results/convert_memory.json] [--dtype float32]
 """
 import argparse
 import json
@@ -18,7 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from converters import common, llava
+from jaxmm.converters import common, llava
 from jaxmm import checkpoint
 
 TIME = "/usr/bin/time"
@@ -93,8 +93,8 @@ def main(argv=None) -> int:
     build_checkpoint(src)
     n, nbytes, largest = param_bytes(src, args.dtype)
     shard = max(f.stat().st_size for f in src.glob("model-*.safetensors"))
-    base = max_rss_bytes([sys.executable, "-c", "import converters.cli"], repo)
-    peak = max_rss_bytes([sys.executable, "-m", "converters.cli", str(src), str(out),
+    base = max_rss_bytes([sys.executable, "-c", "import jaxmm.converters.cli"], repo)
+    peak = max_rss_bytes([sys.executable, "-m", "jaxmm.converters.cli", str(src), str(out),
                           "--dtype", args.dtype], repo)
   res = {"params": n, "dtype": args.dtype, "param_bytes": nbytes, "peak_rss_bytes": peak,
          "ratio": peak / nbytes, "import_rss_bytes": base,

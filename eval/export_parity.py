@@ -1,6 +1,6 @@
 """A jaxmm LLaVA against its `jaxmm export` in transformers, on a LLaVA-format question file.
 
-  python -m eval.export_parity --model M --questions Q.jsonl --image-folder DIR
+  python -m jaxmm.eval.export_parity --model M --questions Q.jsonl --image-folder DIR
                                [--n 60] [--batch-size 20] [--max-new-tokens 4] [--out JSON]
 
 Exports MODEL to a temporary folder, loads it with transformers' `LlavaForConditionalGeneration`
@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 import jaxmm.cli
-from converters.export import export_folder
+from jaxmm.converters.export import export_folder
 from jaxmm import api, checkpoint
 from jaxmm.data import vqa
 from jaxmm.errors import InputError

@@ -106,7 +106,7 @@ def model_inputs(m, prompts):
 
 def random_model(name: str, batch: int, n_text: int, seed: int = 0):
   """(Model with random weights, ids, mask, pixel_values): [5 text][image][n_text - 5 text]."""
-  from eval.bench_prefill import build
+  from jaxmm.eval.bench_prefill import build
   if name != "llava_bench":   # bench_prefill builds (and converts) exactly this preset
     raise InputError(f"--random-config supports llava_bench, got {name!r}")
   _, cfg, params = build(seed)

@@ -22,50 +22,50 @@ class Command(NamedTuple):
 # (command words) -> Command. Add an entry here to add a command (help: its docstring's summary).
 COMMANDS = {
     ("convert",): Command(
-        "converters.cli",
+        "jaxmm.converters.cli",
         "Convert a Hugging Face checkpoint folder (or a .gguf file) into a jaxmm model folder."),
     ("generate",): Command(
         "jaxmm.generate_cli",
         "Generate an answer with a converted model: "
         "`jaxmm generate --model OUT --image PATH --prompt TEXT`."),
     ("prune-bench",): Command(
-        "eval.prune_bench",
+        "jaxmm.eval.prune_bench",
         "Visual-token pruning benchmark: FLOPs, prefill latency, scoring overhead and logit "
         "change."),
     ("analyze", "ecl"): Command(
-        "eval.analyze_ecl",
+        "jaxmm.eval.analyze_ecl",
         "Entropy Collapse Layer: per-layer visual-token entropy curves over a calibration "
         "question set."),
     ("analyze", "horizon"): Command(
-        "eval.analyze_horizon",
+        "jaxmm.eval.analyze_horizon",
         "Information horizon: per layer and question category, how much a lone 2x2 window of "
         "visual tokens still changes the probability of the answer's first token "
         "(pruning.md §4.1)."),
     ("analyze", "crossover"): Command(
-        "eval.analyze_crossover",
+        "jaxmm.eval.analyze_crossover",
         "Where a pruning method stops beating random: accuracy against the pruning layer."),
     ("export",): Command(
-        "converters.export",
+        "jaxmm.converters.export",
         "Export a jaxmm LLaVA as a transformers folder: "
         "`jaxmm export MODEL HF_OUT [--overwrite]`."),
     ("train", "vlm"): Command(
-        "train.vlm",
+        "jaxmm.train.vlm",
         "Train a small LLaVA from scratch on digits-VQA: `jaxmm train vlm --out OUT`."),
     ("eval", "vqa"): Command(
-        "eval.vqa",
+        "jaxmm.eval.vqa",
         "Answer a LLaVA-format question file with a jaxmm LLaVA model, and score it."),
     ("train", "cadit"): Command(
-        "train.cadit",
+        "jaxmm.train.cadit",
         "Train CADIT (or the source-only / DANN baselines) on a digits domain-adaptation task."),
     ("eval", "digits-da"): Command(
-        "eval.digits_da",
+        "jaxmm.eval.digits_da",
         "Target test accuracy of trained CADIT / source-only / DANN models on their digits tasks."),
     ("train", "mgfte"): Command(
-        "train.mgfte",
+        "jaxmm.train.mgfte",
         "Train MG-FTE (or the prototype baseline) on FewRel episodes; resumable, "
         "best-by-validation."),
     ("eval", "mgfte"): Command(
-        "eval.mgfte",
+        "jaxmm.eval.mgfte",
         "Evaluate a trained MG-FTE (or baseline) on seeded FewRel test episodes (mgfte.md §5)."),
 }
 

@@ -3,7 +3,7 @@
   python -m jaxmm.demo [--preset default] [--images 200] [--batch-size 50] [--runs 7]
                        [--cache DIR] [--results DIR] [--model FOLDER]
 
-Trains the preset's model (`train.vlm.ensure_model`) unless it is cached under the cache folder
+Trains the preset's model (`jaxmm.train.vlm.ensure_model`) unless it is cached under the cache folder
 (--cache, else env JAXMM_CACHE, else cache/ at the repo root), writes the digits-VQA test split
 there once (one cell, count and presence question per image), loads the model once and answers
 the split unpruned and under 15 schedules: each method at keep budgets p = 33/22/11% of the
@@ -19,7 +19,7 @@ visual tokens (48/32/16 of 144, the analogue of LLaVA-1.5's 192/128/64 of 576):
 
 Per schedule: exact-match accuracy per category and overall, retention (% of the unpruned
 overall accuracy), the prefill FLOPs reduction (`jaxmm.flops`, convention B, decoder layers
-only) and the prefill latency ratio to unpruned (`eval.prune_bench.prefill_times`: one fixed
+only) and the prefill latency ratio to unpruned (`jaxmm.eval.prune_bench.prefill_times`: one fixed
 batch, runs of all schedules interleaved, medians). Prints the table and the wall time; writes
 (atomically) RESULTS/demo.json and RESULTS/demo_accuracy_vs_flops.png.
 """
@@ -38,12 +38,12 @@ import jax
 
 import jaxmm
 import jaxmm.cli
-from eval import prune_bench
-from eval import vqa as eval_vqa
+from jaxmm.eval import prune_bench
+from jaxmm.eval import vqa as eval_vqa
 from jaxmm import checkpoint, flops
 from jaxmm.data import digits_vqa, vqa
 from jaxmm.pruning import schedule as schedule_lib
-from train import vlm
+from jaxmm.train import vlm
 
 ROOT = Path(__file__).resolve().parents[1]
 BUDGETS = (33, 22, 11)          # keep, % of the visual tokens
@@ -57,7 +57,7 @@ METHODS = ("entropy", "fastv", "random", "divprune", "divprune+random")
 
 def add_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--preset", choices=sorted(vlm.PRESETS), default="default",
-                 help="train.vlm preset of the model (trained once, then cached)")
+                 help="jaxmm.train.vlm preset of the model (trained once, then cached)")
   p.add_argument("--images", type=int, default=200, help="test images (3 questions each)")
   p.add_argument("--batch-size", type=int, default=50, help="eval and latency batch size")
   p.add_argument("--max-new-tokens", type=int, default=2, help="answers are one word + </s>")
@@ -148,7 +148,7 @@ def timing_batch(m, split: dict, batch: int):
 # ---- measurements -------------------------------------------------------------------------------
 
 def evaluate_all(m, split: dict, confs: list[dict], batch: int, max_new_tokens: int) -> list[dict]:
-  """eval.vqa.evaluate of every configuration (one fixed batch shape); prints a line each."""
+  """jaxmm.eval.vqa.evaluate of every configuration (one fixed batch shape); prints a line each."""
   out = []
   for c in confs:
     res = eval_vqa.evaluate(m, split["questions"], split["images"], split["answers"],
@@ -164,7 +164,7 @@ def latencies(m, split: dict, confs: list[dict], batch: int, runs: int) -> tuple
   """(median prefill time (s) per configuration, text tokens n_text of the timed prompts).
 
   Prefill = the decoder layers with the schedule's scoring and gathers, and the LM head at
-  the last position (`eval.prune_bench.decoder_prefill`), on the first `batch` questions.
+  the last position (`jaxmm.eval.prune_bench.decoder_prefill`), on the first `batch` questions.
   """
   ids, mask, px = timing_batch(m, split, batch)
   state, key = prune_bench.prefill_inputs(m, ids, mask, px)
@@ -260,7 +260,7 @@ def plot(res: dict, path: Path) -> Path:
 def run(args) -> int:
   t0 = time.perf_counter()
   if not args.model:
-    print(f"model: the {args.preset!r} preset of train.vlm, trained once into {args.cache}",
+    print(f"model: the {args.preset!r} preset of jaxmm.train.vlm, trained once into {args.cache}",
           flush=True)
   folder = model_folder(args)
   t_model = time.perf_counter() - t0

@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from converters.cli import convert_folder
+from jaxmm.converters.cli import convert_folder
 from jaxmm import cli
 from tiny_hf import WORDS, build_hf_folder, digit_png
 

@@ -8,7 +8,7 @@ import torch
 import transformers
 
 import jaxmm
-from converters.cli import convert_folder, convert_model
+from jaxmm.converters.cli import convert_folder, convert_model
 from jaxmm import config as config_lib
 from jaxmm import registry
 from jaxmm.cadit import config as cadit_config

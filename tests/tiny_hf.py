@@ -3,7 +3,7 @@ import numpy as np
 import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-from converters.cli import convert_model
+from jaxmm.converters.cli import convert_model
 
 IMAGE_TOKEN = 100
 

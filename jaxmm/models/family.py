@@ -11,7 +11,7 @@ A family is a module (found by name through `jaxmm.registry`) that provides:
                                  merged embeddings, visual mask, positions (jittable)
   decoder(cfg) -> Decoder        its decoder (`models.decoder`), and decoder_params(params)
   init_params(cfg, key)          fresh params, usable under `jax.eval_shape`
-  rules(cfg)                     the converter's name table (`converters.common.Rule`s), whose
+  rules(cfg)                     the converter's name table (`jaxmm.converters.common.Rule`s), whose
                                  leaves and shapes equal `init_params`'
 
 Generic code (`models.core`, `models.segments`, `generation`, pruning) uses nothing else.

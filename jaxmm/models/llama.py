@@ -206,7 +206,7 @@ def init_params(cfg: LlamaConfig, key) -> dict:
 
 def rules(cfg: LlamaConfig) -> list:
   """The converter's name table (transformers' LlamaForCausalLM names)."""
-  from converters.llava import llama_rules  # converters import the models, not the reverse
+  from jaxmm.converters.llava import llama_rules  # converters import the models, not the reverse
   return llama_rules(cfg, "model.", "lm_head.weight")
 
 

@@ -118,7 +118,7 @@ def init_params(cfg: LlavaConfig, key, pos_init: str = "random", llm=None) -> di
 
 def rules(cfg: LlavaConfig) -> list:
   """The converter's name table (the transformers-5 file layout)."""
-  from converters.llava import llava_rules  # converters import the models, not the reverse
+  from jaxmm.converters.llava import llava_rules  # converters import the models, not the reverse
   return llava_rules(cfg, "hf")
 
 

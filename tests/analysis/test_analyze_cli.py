@@ -7,7 +7,7 @@ from PIL import Image
 
 from jaxmm.cli import module_main
 from jaxmm.data import digits_vqa
-from train import vlm
+from jaxmm.train import vlm
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +29,7 @@ def setup(tmp_path_factory):
 def test_analyze_ecl_writes_json_and_png(setup):
   d, model = setup
   args = ["--model", str(model), "--questions", str(d / "q.jsonl"), "--image-folder", str(d)]
-  assert module_main("eval.analyze_ecl", args + ["--out", str(d / "ecl")]) == 0
+  assert module_main("jaxmm.eval.analyze_ecl", args + ["--out", str(d / "ecl")]) == 0
   res = json.loads((d / "ecl" / "ecl.json").read_text())
   n_l = res["num_layers"]
   assert len(res["mean_token_entropy"]) == len(res["global_entropy"]) == n_l
@@ -41,7 +41,7 @@ def test_analyze_horizon_writes_json_and_pngs(setup):
   d, model = setup
   args = ["--model", str(model), "--questions", str(d / "q.jsonl"), "--image-folder", str(d),
           "--answer-key", str(d / "key.jsonl"), "--out", str(d / "hz")]
-  assert module_main("eval.analyze_horizon", args) == 0
+  assert module_main("jaxmm.eval.analyze_horizon", args) == 0
   res = json.loads((d / "hz" / "horizon.json").read_text())
   assert set(res["categories"]) == {"all", "count", "presence"}
   assert res["categories"]["all"]["questions"] == 2
@@ -53,11 +53,11 @@ def test_analyze_horizon_writes_json_and_pngs(setup):
 
 def test_analyze_crossover_sweeps_layers_against_random(setup):
   d, model = setup
-  from eval import vqa as eval_vqa
+  from jaxmm.eval import vqa as eval_vqa
   args = ["--model", str(model), "--questions", str(d / "q.jsonl"), "--image-folder", str(d),
           "--answer-key", str(d / "key.jsonl"), "--out", str(d / "cx"), "--method", "fastv",
           "--keep", "4", "--random-seeds", "2"]
-  assert module_main("eval.analyze_crossover", args) == 0
+  assert module_main("jaxmm.eval.analyze_crossover", args) == 0
   res = json.loads((d / "cx" / "crossover.json").read_text())
   assert res["layers"] == list(range(1, res["num_layers"])) and res["keep"] == 4
   ov = res["curves"]["overall"]
@@ -93,12 +93,12 @@ def test_analyze_crossover_refuses_bad_settings(setup, capsys, args, needle):
   d, model = setup
   base = ["--model", str(model), "--questions", str(d / "q.jsonl"), "--image-folder", str(d),
           "--answer-key", str(d / "key.jsonl"), "--out", str(d / "bad")]
-  assert module_main("eval.analyze_crossover", base + args) == 2
+  assert module_main("jaxmm.eval.analyze_crossover", base + args) == 2
   assert needle in capsys.readouterr().err
 
 
 def test_crossover_rule():
-  from eval.analyze_crossover import crossover_layer
+  from jaxmm.eval.analyze_crossover import crossover_layer
   layers = [1, 2, 3, 4, 5]
   method = [0.9, 0.8, 0.6, 0.5, 0.5]
   rand = np.array([[0.5, 0.55, 0.58, 0.5, 0.51], [0.5, 0.56, 0.6, 0.5, 0.49]])
@@ -114,7 +114,7 @@ def test_crossover_rule():
 
 
 def test_parse_layers_takes_ranges_lists_and_mixes():
-  from eval.analyze_common import parse_layers
+  from jaxmm.eval.analyze_common import parse_layers
   assert parse_layers("1-3,6,9-10", 1, 12) == [1, 2, 3, 6, 9, 10]
   assert parse_layers("4,2,2", 1, 12) == [2, 4] and parse_layers(None, 2, 5) == [2, 3, 4]
 
@@ -125,8 +125,8 @@ def test_analyze_horizon_probes_only_the_chosen_layers(setup, tmp_path, capsys):
   model = vlm.Run(dataclasses.replace(vlm.tiny(), text_layers=4)).save_model(tmp_path / "m4")
   args = ["--model", str(model), "--questions", str(d / "q.jsonl"), "--image-folder", str(d),
           "--answer-key", str(d / "key.jsonl")]
-  assert module_main("eval.analyze_horizon", args + ["--out", str(tmp_path / "all")]) == 0
-  assert module_main("eval.analyze_horizon", args + ["--out", str(tmp_path / "some"),
+  assert module_main("jaxmm.eval.analyze_horizon", args + ["--out", str(tmp_path / "all")]) == 0
+  assert module_main("jaxmm.eval.analyze_horizon", args + ["--out", str(tmp_path / "some"),
                                                      "--layers", "1,3"]) == 0
   full = json.loads((tmp_path / "all" / "horizon.json").read_text())
   some = json.loads((tmp_path / "some" / "horizon.json").read_text())
@@ -134,6 +134,6 @@ def test_analyze_horizon_probes_only_the_chosen_layers(setup, tmp_path, capsys):
   for cat, s in some["categories"].items():   # a probe layer's information does not depend on
     f = full["categories"][cat]                # which other layers are probed
     np.testing.assert_allclose(s["mean_abs"], [f["mean_abs"][0], f["mean_abs"][2]], rtol=1e-6)
-  assert module_main("eval.analyze_horizon", args + ["--out", str(tmp_path / "bad"),
+  assert module_main("jaxmm.eval.analyze_horizon", args + ["--out", str(tmp_path / "bad"),
                                                      "--layers", "2-3"]) == 2
   assert "must include layer 1" in capsys.readouterr().err

@@ -8,7 +8,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from converters import cadit as conv  # noqa: E402
+from jaxmm.converters import cadit as conv  # noqa: E402
 from jaxmm.cadit import config, networks  # noqa: E402
 from jaxmm.errors import ConversionError  # noqa: E402
 from cadit_torch_twins import Cadit  # noqa: E402  (tests/cadit is on sys.path)

@@ -51,7 +51,7 @@ def test_interrupted_run_continues_exactly(tmp_path):
 def test_killed_cli_run_resumes_from_last_checkpoint(tmp_path):
   src, tgt = _npz(tmp_path / "s.npz", 40, 0), _npz(tmp_path / "t.npz", 40, 1)
   out = tmp_path / "run"
-  argv = [sys.executable, "-m", "train.cadit", "--task", "usps-mnist", "--method", "dann",
+  argv = [sys.executable, "-m", "jaxmm.train.cadit", "--task", "usps-mnist", "--method", "dann",
           "--preset", "tiny", "--steps", "60", "--ckpt-every", "5", "--fast-compile",
           "--source-npz", str(src), "--target-npz", str(tgt), "--out", str(out)]
   env = {**os.environ, "PYTHONUNBUFFERED": "1"}

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from eval import digits_da
+from jaxmm.eval import digits_da
 from jaxmm.cadit import config, evaluate, loop
 from jaxmm.data import digits
 

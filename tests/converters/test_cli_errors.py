@@ -114,12 +114,12 @@ def test_missing_source_and_existing_out(capsys, tmp_path, model):
 
 
 def test_module_entry_point_in_a_subprocess(tmp_path):
-  """`python -m converters.cli` as a user runs it: exit status and stderr are real."""
+  """`python -m jaxmm.converters.cli` as a user runs it: exit status and stderr are real."""
   src = hf_folder(tmp_path, tiny_llama(), "save_pretrained")
   f = src / "model.safetensors"
   f.write_bytes(f.read_bytes()[:-1])
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  r = subprocess.run([sys.executable, "-m", "converters.cli", str(src), str(tmp_path / "out")],
+  r = subprocess.run([sys.executable, "-m", "jaxmm.converters.cli", str(src), str(tmp_path / "out")],
                      cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
   assert r.returncode == 2
   assert r.stderr.strip().splitlines()[-1].startswith("error: ")

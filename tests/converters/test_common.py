@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from converters.common import Rule, TensorSource, check, convert, export
+from jaxmm.converters.common import Rule, TensorSource, check, convert, export
 from jaxmm.errors import ConversionError
 
 RNG = np.random.default_rng(0)

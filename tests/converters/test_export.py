@@ -8,13 +8,13 @@ import torch
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 import jaxmm
-from converters.cli import convert_folder
-from converters.export import export_folder
-from eval.export_parity import hf_inputs
+from jaxmm.converters.cli import convert_folder
+from jaxmm.converters.export import export_folder
+from jaxmm.eval.export_parity import hf_inputs
 from jaxmm.cli import module_main
 from jaxmm.data import digits_vqa
 from jaxmm.errors import JaxmmError
-from train import vlm
+from jaxmm.train import vlm
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +23,7 @@ def exported(tmp_path_factory):
   d = tmp_path_factory.mktemp("export")
   run = vlm.Run(vlm.tiny())
   m = jaxmm.load(run.save_model(d / "jaxmm"))
-  assert module_main("converters.export", [str(m.path), str(d / "hf")]) == 0
+  assert module_main("jaxmm.converters.export", [str(m.path), str(d / "hf")]) == 0
   return m, d / "hf"
 
 
@@ -94,7 +94,7 @@ def test_export_refuses_an_existing_folder_and_a_non_llava_model(exported, tmp_p
 
 
 def test_export_parity_script_on_a_question_file(exported, tmp_path):
-  """`eval.export_parity` compares a model with its export on a LLaVA-format question file."""
+  """`jaxmm.eval.export_parity` compares a model with its export on a LLaVA-format question file."""
   from PIL import Image
   m, _ = exported
   images, items = digits_vqa.make_split(vlm.tiny().data, "test", 2, seed=3)
@@ -105,7 +105,7 @@ def test_export_parity_script_on_a_question_file(exported, tmp_path):
   (tmp_path / "q.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
   args = ["--model", str(m.path), "--questions", str(tmp_path / "q.jsonl"), "--image-folder",
           str(tmp_path), "--n", "5", "--batch-size", "3", "--out", str(tmp_path / "p.json")]
-  assert module_main("eval.export_parity", args) == 0
+  assert module_main("jaxmm.eval.export_parity", args) == 0
   res = json.loads((tmp_path / "p.json").read_text())
   assert res["questions"] == 5 and len(res["answers"]) == 5
   assert res["max_abs_logit_diff"] <= 1e-4

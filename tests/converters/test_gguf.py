@@ -7,7 +7,7 @@ from gguf import GGUFWriter
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 import jaxmm.cli
-from converters.gguf import gguf_to_hf, smollm2_gguf
+from jaxmm.converters.gguf import gguf_to_hf, smollm2_gguf
 from hf_fixtures import assert_trees_equal, expected_llama_tree
 from jaxmm import checkpoint
 

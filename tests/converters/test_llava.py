@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import save_model
 
-from converters import common, llava
-from converters.cli import convert_folder
+from jaxmm.converters import common, llava
+from jaxmm.converters.cli import convert_folder
 from hf_fixtures import (CHAT_TEMPLATE, assert_trees_equal, expected_llama_tree,
                          expected_llava_tree, hf_folder, layout_state_dict, tiny_llama,
                          tiny_llava)

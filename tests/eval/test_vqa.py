@@ -6,12 +6,12 @@ import pytest
 from PIL import Image
 
 import jaxmm
-from eval import vqa as eval_vqa
+from jaxmm.eval import vqa as eval_vqa
 from jaxmm.cli import module_main
 from jaxmm.data import digits_vqa
 from jaxmm.errors import InputError
 from jaxmm.generate_cli import answer
-from train import vlm
+from jaxmm.train import vlm
 
 ANSWER_FIELDS = {"question_id", "prompt", "text", "answer_id", "model_id"}
 
@@ -38,7 +38,7 @@ def files(tmp_path):
 
 def test_answers_file_has_llava_fields_and_batched_answers_equal_single(model_dir, files):
   d, qs = files
-  code = module_main("eval.vqa", ["--model", str(model_dir), "--questions", str(d / "q.jsonl"),
+  code = module_main("jaxmm.eval.vqa", ["--model", str(model_dir), "--questions", str(d / "q.jsonl"),
                                   "--image-folder", str(d), "--answers-file", str(d / "a.jsonl"),
                                   "--batch-size", "2"])  # a full batch, then a padded one
   assert code == 0
@@ -93,7 +93,7 @@ def test_malformed_line_names_its_number(model_dir, files, line, msg, capsys):
   (d / "bad.jsonl").write_text(text)
   with pytest.raises(InputError, match=re.escape("bad.jsonl:3: " + msg)):
     eval_vqa.evaluate(model_dir, d / "bad.jsonl", d, progress=False)
-  code = module_main("eval.vqa", ["--model", str(model_dir), "--questions", str(d / "bad.jsonl"),
+  code = module_main("jaxmm.eval.vqa", ["--model", str(model_dir), "--questions", str(d / "bad.jsonl"),
                                   "--image-folder", str(d), "--answers-file", str(d / "a.jsonl")])
   assert code == 2 and "bad.jsonl:3:" in capsys.readouterr().err
   assert not (d / "a.jsonl").exists()
@@ -104,7 +104,7 @@ def test_positions_override_reaches_every_stage(model_dir, files, capsys):
   d, _ = files
   base = ["--model", str(model_dir), "--questions", str(d / "q.jsonl"), "--image-folder", str(d)]
   for pos in ("preserve", "compact"):
-    assert module_main("eval.vqa", base + ["--answers-file", str(d / f"{pos}.jsonl"),
+    assert module_main("jaxmm.eval.vqa", base + ["--answers-file", str(d / f"{pos}.jsonl"),
                                            "--schedule", "divprune@0:6", "--positions", pos]) == 0
     want = eval_vqa.evaluate(model_dir, d / "q.jsonl", d, progress=False,
                              schedule=schedule_lib.parse("divprune@0:6", positions=pos),
@@ -113,6 +113,6 @@ def test_positions_override_reaches_every_stage(model_dir, files, capsys):
     texts = lambda f: [json.loads(l)["text"] for l in f.read_text().splitlines()]
     assert texts(d / f"{pos}.jsonl") == texts(d / f"want-{pos}.jsonl")
   assert eval_vqa.parse_schedule("divprune@0:6", "preserve")[0].positions == "preserve"
-  assert module_main("eval.vqa", base + ["--answers-file", str(d / "x.jsonl"),
+  assert module_main("jaxmm.eval.vqa", base + ["--answers-file", str(d / "x.jsonl"),
                                          "--positions", "compact"]) == 2
   assert "--positions needs --schedule" in capsys.readouterr().err

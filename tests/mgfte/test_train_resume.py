@@ -16,14 +16,14 @@ from jaxmm.checkpoint import TrainCheckpointer
 from jaxmm.data import fewrel
 from jaxmm.mgfte import training
 from jaxmm.mgfte.episodes import EpisodeSampler
-from train import mgfte as train_mgfte
+from jaxmm.train import mgfte as train_mgfte
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 5
 
 
 def _train(out, tokenizer_dir, *extra):
-  cmd = [sys.executable, "-m", "train.mgfte", "--tiny", "--tokenizer", str(tokenizer_dir),
+  cmd = [sys.executable, "-m", "jaxmm.train.mgfte", "--tiny", "--tokenizer", str(tokenizer_dir),
          "--out", str(out), "--steps", str(STEPS), "--max-per-relation", "12", "--batch", "1",
          "--n", "2", "--k", "2", "--q", "2", "--val-n", "2", "--val-k", "2",
          "--val-episodes", "2", "--eval-every", "100", "--ckpt-every", "2", "--log-every", "1",
@@ -78,7 +78,7 @@ def test_killed_run_resumes_with_same_data_order(tmp_path, tokenizer_dir, tokeni
     np.testing.assert_array_equal(a, b)
 
   scores = tmp_path / "scores.json"
-  rc = jaxmm.cli.module_main("eval.mgfte", [
+  rc = jaxmm.cli.module_main("jaxmm.eval.mgfte", [
       "--model", str(out / "best"), "--settings", "2-2,3-2", "--episodes", "2", "--q", "2",
       "--max-per-relation", "12", "--length-buckets", "", "--out", str(scores)])
   assert rc == 0

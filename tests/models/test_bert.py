@@ -9,9 +9,9 @@ import torch
 import transformers
 
 import jaxmm.api
-from converters import bert as bert_conv
-from converters import cli as convert_cli
-from converters import common
+from jaxmm.converters import bert as bert_conv
+from jaxmm.converters import cli as convert_cli
+from jaxmm.converters import common
 from jaxmm.data import fewrel
 from jaxmm.errors import ConfigError, ConversionError
 from jaxmm.models import bert

@@ -92,7 +92,7 @@ def test_bad_inputs_name_the_problem():
 def test_bfloat16_load_and_forward(tmp_path):
   """A bfloat16 conversion computes in bfloat16 and stays close to the fp32 logits."""
   import jaxmm
-  from converters.cli import convert_folder
+  from jaxmm.converters.cli import convert_folder
   model, cfg, params = tiny_llava()
   model.save_pretrained(tmp_path / "hf")
   convert_folder(tmp_path / "hf", tmp_path / "bf16", dtype="bfloat16")

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import jaxmm
-from converters.cli import convert_folder
-from converters.gguf import gguf_to_hf, smollm2_gguf
+from jaxmm.converters.cli import convert_folder
+from jaxmm.converters.gguf import gguf_to_hf, smollm2_gguf
 
 PROMPTS = [
     "What is the capital of France?",

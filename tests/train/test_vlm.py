@@ -14,7 +14,8 @@ import jaxmm
 from jaxmm import checkpoint
 from jaxmm.data import digits_vqa
 from jaxmm.errors import JaxmmError
-from train import vlm
+from jaxmm.models import clip
+from jaxmm.train import vlm, vlm_task
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = vlm.tiny()
@@ -30,14 +31,14 @@ def test_training_inputs_equal_what_the_saved_processor_gives(tiny_run, tmp_path
   tiny_run.save_model(tmp_path / "m")
   proc = AutoProcessor.from_pretrained(tmp_path / "m")
   images, items = digits_vqa.make_split(TINY.data, "test", 2, seed=0)
-  enc = vlm.Encoder(tiny_run.tok, tiny_run.cfg.num_image_tokens, tiny_run.cfg.image_token_id)
+  enc = vlm_task.Encoder(tiny_run.tok, tiny_run.cfg.num_image_tokens, tiny_run.cfg.image_token_id)
   for img, qa in zip(images, items):
     q = qa[0][1]
     msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}]
     got = proc(images=Image.fromarray(img).convert("RGB"), return_tensors="np",
                text=proc.apply_chat_template(msgs, add_generation_prompt=True))
     assert got["input_ids"][0].tolist() == enc.prompt(q)
-    np.testing.assert_allclose(got["pixel_values"][0], vlm.pixel_values(img[None])[0], atol=1e-5)
+    np.testing.assert_allclose(got["pixel_values"][0], vlm_task.pixel_values(img[None])[0], atol=1e-5)
 
 
 def test_targets_are_exactly_the_answers_and_eos(tiny_run):
@@ -71,13 +72,13 @@ def test_aux_head_reads_each_cells_own_patch_block_through_the_lm_head():
   kernel[np.arange(10), digit_ids] = 1.0                              # channel k -> digit k
   llm = {"norm": {"scale": np.ones(d, np.float32)}, "lm_head": {"kernel": kernel}}
   feats = np.eye(d, dtype=np.float32)[cell_of_patch][None]            # one-hot of the cell
-  logits = np.asarray(vlm.aux_logits(cfg, tc, llm, {"bias": np.zeros(10)}, digit_ids, feats))
+  logits = np.asarray(vlm_task.aux_logits(cfg, tc, llm, {"bias": np.zeros(10)}, digit_ids, feats))
   assert logits.shape == (1, g * g, 10)
   np.testing.assert_array_equal(logits[0].argmax(-1), np.arange(g * g))
 
 
 def test_sincos_positions_are_distinct_unit_scale_codes():
-  pe = vlm.sincos_positions(12, 64)
+  pe = clip.sincos_positions(12, 64)
   assert pe.shape == (145, 64) and not pe[0].any()
   d = np.linalg.norm(pe[1:, None] - pe[None, 1:], axis=-1)
   assert d[~np.eye(144, dtype=bool)].min() > 0.1
@@ -92,7 +93,7 @@ def test_a_run_with_another_config_is_refused(tmp_path):
 
 def _train_cli(out, *extra):
   env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
-  return subprocess.run([sys.executable, "-m", "train.vlm", "--preset", "tiny", "--out", str(out),
+  return subprocess.run([sys.executable, "-m", "jaxmm.train.vlm", "--preset", "tiny", "--out", str(out),
                          *extra], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
 

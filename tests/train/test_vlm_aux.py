@@ -1,4 +1,4 @@
-"""The training-only signals of `train.vlm` against straightforward NumPy references."""
+"""The training-only signals of `jaxmm.train.vlm` against straightforward NumPy references."""
 import dataclasses
 
 import jax
@@ -9,7 +9,7 @@ import pytest
 from jaxmm import inputs
 from jaxmm.data import digits_vqa
 from jaxmm.models import llama, llava
-from train import vlm
+from jaxmm.train import vlm, vlm_task
 
 # 2x2 cells of 2x2 tiles, 8 px tiles = patches: 16 visual tokens, one with ink per cell. Two KV
 # groups, so the counting head (head 2) reads other keys than the lookup head 0.
@@ -28,17 +28,17 @@ def run():
 
 def test_ink_patches_are_the_patches_with_any_nonzero_pixel():
   images, _ = digits_vqa.make_split(TC.data, "test", 3, seed=0)
-  got = np.asarray(vlm.ink_patches(TC, vlm.pixel_values(images)))
+  got = np.asarray(vlm_task.ink_patches(TC, vlm_task.pixel_values(images)))
   want = images.reshape(3, 4, 8, 4, 8).max((2, 4)).reshape(3, 16) > 0
   np.testing.assert_array_equal(got, want)
   assert (want.reshape(3, 2, 2, 2, 2).transpose(0, 1, 3, 2, 4).reshape(3, 4, 4).sum(-1) <= 1).all()
 
 
 def test_question_keys_and_where_they_sit_in_a_conversation(run):
-  assert vlm.question_key("cell", "What digit is in row 2 , column 1 ?", 2) == 2
-  assert vlm.question_key("count", "How many times does 7 appear ?", 2) == 4 + 7
-  assert vlm.question_key("presence", "Is there a 0 in the grid ?", 3) == 9 + 10
-  enc = vlm.Encoder(run.tok, run.cfg.num_image_tokens, run.cfg.image_token_id)
+  assert vlm_task.question_key("cell", "What digit is in row 2 , column 1 ?", 2) == 2
+  assert vlm_task.question_key("count", "How many times does 7 appear ?", 2) == 4 + 7
+  assert vlm_task.question_key("presence", "Is there a 0 in the grid ?", 3) == 9 + 10
+  enc = vlm_task.Encoder(run.tok, run.cfg.num_image_tokens, run.cfg.image_token_id)
   ids, target, key = enc.conversation([("Is there a 3 in the grid?", "no"),
                                        ("How many times does 1 appear?", "2")], [7, 5])
   at = [i for i, k in enumerate(key) if k >= 0]
@@ -114,8 +114,8 @@ def test_grounding_loss_equals_the_attention_mass_computed_by_hand(run, count_he
   x = llava.merge_image_features(cfg, llama.embed(cfg.text, params["llm"], ids), ids, feats)
   ys = llama.run_layers(cfg.text, params["llm"]["layers"], x, pos, mask, stack=("hidden",)).stacked
   h = ys["hidden"][TC.ground_layer - 1]
-  _, _, logp = vlm.decoder_pass(cfg, tc, params, ids, feats)   # the training forward's capture
-  for fn in (vlm.grounding_loss, jax.jit(vlm.grounding_loss, static_argnums=(0, 1))):
+  _, _, logp = vlm_task.decoder_pass(cfg, tc, params, ids, feats)   # the training forward's capture
+  for fn in (vlm_task.grounding_loss, jax.jit(vlm_task.grounding_loss, static_argnums=(0, 1))):
     got = fn(cfg, tc, logp, mask, ids, key, cells, px)
     want = _grounding_np(run, h, ids, key, cells, px, count_head)
     np.testing.assert_allclose(got, want, rtol=2e-5)
@@ -123,14 +123,14 @@ def test_grounding_loss_equals_the_attention_mass_computed_by_hand(run, count_he
 
 def test_cell_probe_is_near_zero_on_one_hot_cells_and_log_cells_on_nothing():
   cfg = type("C", (), {"text": type("T", (), {"rms_norm_eps": 1e-6})})
-  cell = vlm.cell_of_patch(TC)                                   # [16] in 0..3
+  cell = vlm_task.cell_of_patch(TC)                                   # [16] in 0..3
   feats = np.eye(8, dtype=np.float32)[cell][None]                # channel c <- cell c
   sharp = {"cell": np.pad(50 * np.eye(4, dtype=np.float32), ((0, 4), (0, 0)))}
-  assert float(vlm.cell_loss(cfg, TC, sharp, feats)) < 1e-3
+  assert float(vlm_task.cell_loss(cfg, TC, sharp, feats)) < 1e-3
   blank = {"cell": np.zeros((8, 4), np.float32)}
-  np.testing.assert_allclose(vlm.cell_loss(cfg, TC, blank, feats), np.log(4), rtol=1e-6)
+  np.testing.assert_allclose(vlm_task.cell_loss(cfg, TC, blank, feats), np.log(4), rtol=1e-6)
   wrong = {"cell": np.pad(50 * np.eye(4, dtype=np.float32)[::-1], ((0, 4), (0, 0)))}
-  assert float(vlm.cell_loss(cfg, TC, wrong, feats)) > 10
+  assert float(vlm_task.cell_loss(cfg, TC, wrong, feats)) > 10
 
 
 def test_every_auxiliary_signal_trains_and_is_logged(run):
@@ -161,7 +161,7 @@ def test_early_answer_loss_reads_the_answer_through_the_lm_head(run):
   rows = np.arange(3)
   ids, key = run.ids[rows], run.key[rows]
   h = jax.random.normal(jax.random.key(2), ids.shape + (cfg.text.hidden_size,))
-  got = float(vlm.early_answer_loss(cfg, llm, h, ids, key))
+  got = float(vlm_task.early_answer_loss(cfg, llm, h, ids, key))
   logits = np.asarray(llama.lm_logits(cfg.text, llm, h), np.float64)
   want = []
   for b, t in zip(*np.nonzero(key >= 0)):
@@ -174,7 +174,7 @@ def test_early_answer_loss_reads_the_answer_through_the_lm_head(run):
 @pytest.mark.parametrize("heads, kv_heads, want", [(4, 2, 2), (8, 4, 2), (4, 1, 1), (2, 2, 1)])
 def test_the_counting_head_shares_no_keys_with_the_lookup_head(heads, kv_heads, want):
   cfg = type("C", (), {"text": type("T", (), {"num_heads": heads, "num_kv_heads": kv_heads})})
-  head = vlm.counting_head(cfg)
+  head = vlm_task.counting_head(cfg)
   assert head == want
   group = heads // kv_heads
   assert kv_heads == 1 or head // group != 0            # another KV group than head 0's

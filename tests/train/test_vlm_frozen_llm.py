@@ -9,10 +9,10 @@ import torch
 from PIL import Image
 
 import jaxmm
-from converters.cli import convert_folder
+from jaxmm.converters.cli import convert_folder
 from jaxmm.data import digits_vqa
 from jaxmm.errors import JaxmmError
-from train import vlm
+from jaxmm.train import vlm, vlm_task
 
 TC = dataclasses.replace(vlm.smollm2(), steps=3,
                          data=digits_vqa.DigitsVQAConfig(grid=2, cell_px=16), patch_size=8, vision_width=32, vision_layers=1, vision_heads=2,
@@ -60,7 +60,7 @@ def test_prompt_ids_equal_the_processor_for_a_byte_level_bpe(trained):
   from transformers import AutoProcessor
   run, _, model = trained
   proc = AutoProcessor.from_pretrained(model)
-  enc = vlm.Encoder(run.tok, run.cfg.num_image_tokens, run.cfg.image_token_id)
+  enc = vlm_task.Encoder(run.tok, run.cfg.num_image_tokens, run.cfg.image_token_id)
   images, items = digits_vqa.make_split(TC.data, "test", 2, seed=0)
   for img, qa in zip(images, items):
     for _, q, _ in qa:
@@ -102,7 +102,7 @@ def test_lm_head_on_target_positions_only_gives_the_same_loss_and_gradients(trai
   args = (run.ids[rows], run.target[rows], run.key[rows], run.pixels[rows], run.cells[rows])
   train = {k: v for k, v in run.state.items() if k != "opt_state"}
   n = int(run.target[:, 1:].sum(1).max())
-  grad = jax.value_and_grad(vlm.loss_fn, argnums=3, has_aux=True)
+  grad = jax.value_and_grad(vlm_task.loss_fn, argnums=3, has_aux=True)
   (full, m_full), g_full = grad(run.cfg, TC, run.digit_ids, train, *args, True)
   (part, m_part), g_part = grad(run.cfg, TC, run.digit_ids, train, *args, True, n)
   np.testing.assert_allclose(part, full, rtol=1e-5)
