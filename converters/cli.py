@@ -25,8 +25,11 @@ from jaxmm.errors import ConfigError, ConversionError
 # model_type -> "module:function" returning a common.Plan. Imported lazily.
 PLANNERS = {
     "llava": "jaxmm.converters.llava:plan_llava",
+    "llava_next": "jaxmm.converters.llava_next:plan",
     "llama": "jaxmm.converters.llava:plan_llama",
     "bert": "jaxmm.converters.bert:plan",
+    "qwen2_vl": "jaxmm.converters.qwen2_vl:plan",
+    "qwen2_5_vl": "jaxmm.converters.qwen2_vl:plan",
 }
 
 # Files copied verbatim from SRC when present: what tokenizers, processors and generation need.

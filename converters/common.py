@@ -34,6 +34,8 @@ TRANSFORMS = {
     "T": Transform(lambda x: x.T, lambda x: x.T),
     # torch Conv2d weight OIHW -> Flax Conv kernel HWIO.
     "conv": Transform(lambda x: x.transpose(2, 3, 1, 0), lambda x: x.transpose(3, 2, 0, 1)),
+    # torch Conv3d weight O,I,D,H,W -> Flax 3-D Conv kernel D,H,W,I,O.
+    "conv3d": Transform(lambda x: x.transpose(2, 3, 4, 1, 0), lambda x: x.transpose(4, 3, 0, 1, 2)),
 }
 
 

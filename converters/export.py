@@ -87,16 +87,29 @@ def tensors(m: api.Model) -> dict:
   return {k: _to_torch(v) for k, v in out.items()}
 
 
+def _exporter(m: api.Model):
+  """(hf_config, tensors) functions of the model's family (LLaVA-NeXT: `converters.llava_next`)."""
+  if m.family == "llava_next":
+    from jaxmm.converters import llava_next
+    return llava_next.hf_config, llava_next.tensors
+  if m.family == "qwen2_vl":
+    from jaxmm.converters import qwen2_vl
+    return qwen2_vl.hf_config, qwen2_vl.tensors
+  if m.family != "llava":
+    raise ConversionError(f"jaxmm export writes LLaVA models (llava, llava_next) and qwen2_vl; "
+                          f"{m.path} holds {m.family!r}")
+  return hf_config, tensors
+
+
 def export_folder(model, hf_out, overwrite: bool = False) -> Path:
   """Writes HF_OUT atomically from the jaxmm LLaVA folder (or loaded `jaxmm.Model`) `model`."""
   from safetensors.torch import save_file
   m = model if isinstance(model, api.Model) else api.load(model)
-  if m.family != "llava":
-    raise ConversionError(f"jaxmm export writes LLaVA models; {m.path} holds {m.family!r}")
-  cfg = hf_config(m.config)
+  to_config, to_tensors = _exporter(m)
+  cfg = to_config(m.config)
   cfg.dtype = m.config.text.dtype
   with checkpoint.atomic_dir(hf_out, overwrite) as tmp:
-    save_file(tensors(m), tmp / "model.safetensors", metadata={"format": "pt"})
+    save_file(to_tensors(m), tmp / "model.safetensors", metadata={"format": "pt"})
     cfg.save_pretrained(tmp)
     for name in AUX_FILES:
       if m.path is not None and (Path(m.path) / name).is_file():

@@ -45,6 +45,7 @@ def _layer_norm(src: str, dst: str, d: int, layers=None) -> list[Rule]:
 def llama_rules(cfg: LlamaConfig, body: str, head: str, dst: str = "",
                 embed: str | None = None) -> list[Rule]:
   """The decoder: `body` prefixes embed_tokens/layers/norm, `head` is the lm_head weight name.
+  `cfg`: a LlamaConfig or a config with its fields (Qwen2's: q/k/v biases, no o bias).
 
   `embed` overrides the embedding's source name (a tied checkpoint may store only the head).
   """
@@ -58,7 +59,7 @@ def llama_rules(cfg: LlamaConfig, body: str, head: str, dst: str = "",
       *_linear(f"{lay}self_attn.q_proj", f"{out}attn/q", d, q_dim, ab, n),
       *_linear(f"{lay}self_attn.k_proj", f"{out}attn/k", d, kv_dim, ab, n),
       *_linear(f"{lay}self_attn.v_proj", f"{out}attn/v", d, kv_dim, ab, n),
-      *_linear(f"{lay}self_attn.o_proj", f"{out}attn/o", q_dim, d, ab, n),
+      *_linear(f"{lay}self_attn.o_proj", f"{out}attn/o", q_dim, d, cfg.o_bias, n),
       Rule(f"{lay}post_attention_layernorm.weight", f"{out}mlp_norm/scale", (d,), layers=n),
       *_linear(f"{lay}mlp.gate_proj", f"{out}mlp/gate", d, f, mb, n),
       *_linear(f"{lay}mlp.up_proj", f"{out}mlp/up", d, f, mb, n),

@@ -21,6 +21,19 @@ from jaxmm.analysis import ecl
 from jaxmm.analysis.capture import Capture
 
 
+# Which numbers are the papers' definitions and which are jaxmm's own choices.
+DEFINITIONS = {
+    "mean_token_entropy": "EntropyPrune's token-wise matrix entropy (paper §2.1, reference code: "
+                          "dual Gram of the centred per-head queries, no trace normalisation, so "
+                          "it grows with query norms), averaged over the visual tokens",
+    "mean_token_entropy_trace_normalised": "jaxmm's own: the same Gram divided by its trace "
+                                           "(norm-free), to tell a collapse from norm growth",
+    "global_entropy": "von Neumann entropy of the visual block (pruning.md §2.2)",
+    "ecl_layer": "jaxmm's own rule (the reference code has none): the largest one-layer drop "
+                 "of the mean token-wise entropy over layers 1..L/2",
+}
+
+
 def add_args(p: argparse.ArgumentParser) -> None:
   common.add_common_args(p)
 
@@ -28,23 +41,27 @@ def add_args(p: argparse.ArgumentParser) -> None:
 def analyze(m, rows, pr, image_folder) -> dict:
   """Curves averaged over the readable questions, the ECL layer and timings."""
   n_l = m.config.text.num_layers
-  mean, glob, secs = [], [], []
+  mean, norm, glob, secs = [], [], [], []
   for _, _, _, out, fwd_s in common.captured(m, rows, pr, image_folder,
                                              Capture(hidden=True, queries=True), "analyze ecl"):
     t0 = time.perf_counter()
     cap = out.captured
     s_mean, s_glob = ecl.curves(cap["hidden"][:n_l, 0], cap["queries"][:, 0], cap["visual"][0])
     mean.append(np.asarray(s_mean))
+    norm.append(np.asarray(ecl.mean_normalised_entropy(cap["queries"][:, 0], cap["visual"][0])))
     glob.append(np.asarray(s_glob))
     secs.append(fwd_s + time.perf_counter() - t0)
   mean, glob = np.asarray(mean, np.float64), np.asarray(glob, np.float64)
-  curve = mean.mean(0)
+  curve, norm = mean.mean(0), np.asarray(norm, np.float64).mean(0)
   return {"model": str(m.path), "num_layers": n_l, "layers": list(range(n_l)),
           "mean_token_entropy": curve.tolist(), "mean_token_entropy_std": mean.std(0).tolist(),
           "global_entropy": glob.mean(0).tolist(), "global_entropy_std": glob.std(0).tolist(),
           "ecl_layer": ecl.ecl_layer(curve),
           "drops": (curve[:-1] - curve[1:]).tolist(),
           "rule": "argmax_{1<=l<=L/2} (S_{l-1} - S_l) of the mean token-wise entropy",
+          "mean_token_entropy_trace_normalised": norm.tolist(),
+          "ecl_layer_trace_normalised": ecl.ecl_layer(norm),
+          "definitions": DEFINITIONS,
           **common.timing(secs)}
 
 
@@ -70,10 +87,14 @@ def run(args) -> int:
   out.mkdir(parents=True, exist_ok=True)
   checkpoint.write_json(out / "ecl.json", res, indent=1)
   plot(res, out / "ecl.png")
-  print(f"{'layer':>5} {'S_mean':>8} {'S_glob':>8}")
-  for l, a, b in zip(res["layers"], res["mean_token_entropy"], res["global_entropy"]):
-    print(f"{l:>5} {a:>8.4f} {b:>8.4f}")
-  print(f"ECL layer: {res['ecl_layer']}; {res['questions']} questions, "
+  print(f"{'layer':>5} {'S_mean':>8} {'S_norm':>8} {'S_glob':>8}")
+  for l, a, n, b in zip(res["layers"], res["mean_token_entropy"],
+                        res["mean_token_entropy_trace_normalised"], res["global_entropy"]):
+    print(f"{l:>5} {a:>8.4f} {n:>8.4f} {b:>8.4f}")
+  print("S_mean: the reference's token entropy (no trace normalisation); S_norm: trace-"
+        "normalised (jaxmm's); the ECL rule is jaxmm's own (see ecl.json 'definitions')")
+  print(f"ECL layer: {res['ecl_layer']} (trace-normalised: {res['ecl_layer_trace_normalised']}); "
+        f"{res['questions']} questions, "
         f"{res['seconds_per_question']:.3f} s/question "
         f"({res['seconds_per_question_after_first'] or 0:.3f} after the first)")
   return 0

@@ -83,7 +83,17 @@ def analyze(m, rows, pr, image_folder, key: dict, tau: float, layers=None) -> di
   return {"model": str(m.path), "layers": layers, "tau": tau, "grid": grid,
           "windows": int(horizon.windows(grid).shape[0]),
           "categories": {c: _summary(v, layers, tau) for c, v in sorted(by_cat.items())},
-          **common.timing(secs)}
+          "definitions": DEFINITIONS, **common.timing(secs)}
+
+
+# Which numbers are the paper's and which are jaxmm's own (the reference code has no horizon rule).
+DEFINITIONS = {
+    "information": "jaxmm's own metric: I_l(w) = p_l(y* | text, w) - p_l(y* | text only), the "
+                   "first answer token's probability from one 2x2 window alone at layer l",
+    "tau": "jaxmm's own threshold (default 0.05), relative to layer 1",
+    "horizon": "jaxmm's own rule: the first layer >= 1 where mean_w |I_l(w)| <= tau * mean_w "
+               "|I_1(w)|; the paper defines the horizon qualitatively",
+}
 
 
 def vqa_positions(mask):

@@ -8,8 +8,8 @@
 --prompts FILE is JSON Lines, one prompt per line: {"image": "path/to/img.png", "text": "question"}
 (relative image paths are relative to FILE). The prompts go through the model's chat template
 and are left padded into one batch. Per schedule, against the unpruned model in the same process:
-  - analytic prefill FLOPs of the decoder layers (jaxmm.flops, --convention) and the reduction;
-    the text length counted is the padded batch length minus the visual tokens;
+  - analytic prefill FLOPs of the decoder layers (jaxmm.flops, --convention) and the reduction,
+    per prompt from its own text length (not the padded batch's), averaged over the prompts;
   - median prefill latency (decoder layers + LM head at the last position, jitted, runs of all
     schedules interleaved so that drift hits all alike) and its ratio to unpruned;
   - scoring overhead: the schedule's score functions alone, jitted, on the layer-(K-1) quantities
@@ -224,16 +224,18 @@ def measure(m, ids, mask, px, scheds, args) -> dict:
   times = prefill_times(m, state, key, all_scheds, args.runs)
   base_logits = np.asarray(api.forward(m, input_ids=ids, pixel_values=px, attention_mask=mask).logits[:, -1])
   dims = flops.Dims.from_config(cfg)
-  n_text = ids.shape[1] - n_vis
-  full_flops = flops.prefill_flops((), n_text, n_vis, dims, args.convention)
+  vis_B = np.asarray((ids == cfg.image_token_id) & mask).sum(1)
+  text_B = np.asarray(mask).sum(1) - vis_B     # each prompt's own text, not the padded length
+  full_flops = np.mean(flops.batch_flops((), text_B, vis_B, dims, args.convention))
   base_t = statistics.median(times[0])
   rows = []
   for s, t in zip(all_scheds, times):
     row = {"schedule": sched_text(s), "stages": [
         {"method": st.method, "layer": st.layer, "keep": st.keep, "positions": st.positions}
         for st in s], "average_visual": schedule_lib.average_visual(s, tc.num_layers) if s else n_vis}
-    f = flops.prefill_flops(s, n_text, n_vis, dims, args.convention)
-    row.update(flops=f * ids.shape[0], flops_ratio=f / full_flops, flops_reduction=1 - f / full_flops,
+    f = np.mean(flops.batch_flops(s, text_B, vis_B, dims, args.convention))
+    row.update(flops=float(f) * ids.shape[0], flops_ratio=float(f / full_flops),
+               flops_reduction=float(1 - f / full_flops),
                latency_median_s=statistics.median(t), latency_ratio=statistics.median(t) / base_t,
                latency_s=t)
     if s:
@@ -244,7 +246,7 @@ def measure(m, ids, mask, px, scheds, args) -> dict:
       row["max_logit_change"] = float(np.abs(np.asarray(out.logits[:, -1]) - base_logits).max())
     rows.append(row)
   return {"batch": int(ids.shape[0]), "seq_len": int(ids.shape[1]), "visual_tokens": n_vis,
-          "n_text_counted": int(n_text), "convention": args.convention, "runs": args.runs,
+          "n_text_counted": text_B.tolist(), "convention": args.convention, "runs": args.runs,
           "schedules": rows}
 
 

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 import jaxmm.cli
 from jaxmm import api, checkpoint
-from jaxmm.data import vqa
+from jaxmm.data import processors, vqa
 from jaxmm.errors import InputError
 from jaxmm.pruning import schedule as schedule_lib
 
@@ -64,8 +64,7 @@ class Prompter:
   """Chat-templated, left-padded model inputs for (image, question) pairs."""
 
   def __init__(self, model: api.Model):
-    from transformers import AutoProcessor
-    self.proc = AutoProcessor.from_pretrained(model.path)
+    self.proc = processors.load_processor(model.path)
     self.proc.tokenizer.padding_side = "left"
     self.tok = self.proc.tokenizer
     self.n_image = model.config.num_image_tokens

@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 import jax
+import numpy as np
 
 import jaxmm
 import jaxmm.cli
@@ -161,7 +162,7 @@ def evaluate_all(m, split: dict, confs: list[dict], batch: int, max_new_tokens: 
 
 
 def latencies(m, split: dict, confs: list[dict], batch: int, runs: int) -> tuple[list, int]:
-  """(median prefill time (s) per configuration, text tokens n_text of the timed prompts).
+  """(median prefill time (s) per configuration, each timed prompt's own text tokens n_text_B).
 
   Prefill = the decoder layers with the schedule's scoring and gathers, and the LM head at
   the last position (`jaxmm.eval.prune_bench.decoder_prefill`), on the first `batch` questions.
@@ -169,7 +170,8 @@ def latencies(m, split: dict, confs: list[dict], batch: int, runs: int) -> tuple
   ids, mask, px = timing_batch(m, split, batch)
   state, key = prune_bench.prefill_inputs(m, ids, mask, px)
   times = prune_bench.prefill_times(m, state, key, [c["schedule"] for c in confs], runs)
-  return [statistics.median(t) for t in times], int(ids.shape[1]) - m.config.num_image_tokens
+  n_text_B = np.asarray(mask).sum(1) - m.config.num_image_tokens
+  return [statistics.median(t) for t in times], n_text_B
 
 
 def _pct(x):
@@ -178,10 +180,12 @@ def _pct(x):
 
 def table_row(c: dict, res: dict, t: float, base: dict) -> dict:
   """One JSON row (accuracies, retention and FLOPs reduction in %). `base`: the unpruned
-  "overall" accuracy and prefill "time", and "n_text", "n_visual", "dims" for the FLOPs."""
+  "overall" accuracy and prefill "time", and "n_text" (per timed prompt), "n_visual", "dims"
+  for the FLOPs, counted per prompt from its own text length and averaged."""
   s, acc = c["schedule"], res["overall"]
   retention = 100.0 if not s else (100 * acc / base["overall"] if base["overall"] else None)
-  red = flops.reduction(s, base["n_text"], base["n_visual"], base["dims"], CONVENTION)
+  n_vis = [base["n_visual"]] * len(base["n_text"])
+  red = flops.batch_reduction(s, base["n_text"], n_vis, base["dims"], CONVENTION)
   avg = schedule_lib.average_visual(s, base["dims"].num_layers) if s else base["n_visual"]
   return {"method": c["method"], "budget_pct": c["budget_pct"],
           "schedule": prune_bench.sched_text(s), "average_visual": avg,
@@ -205,7 +209,8 @@ def benchmark(m, split: dict, batch: int, args) -> dict:
           "n_visual": n_vis, "dims": dims}
   return {"rows": [table_row(*x, base) for x in zip(confs, results, times)],
           "questions": results[0]["questions"], "visual_tokens": n_vis,
-          "num_layers": dims.num_layers, "n_text": n_text, "flops_convention": CONVENTION,
+          "num_layers": dims.num_layers, "n_text": float(np.mean(n_text)),
+          "n_text_per_prompt": n_text.tolist(), "flops_convention": CONVENTION,
           "batch_size": batch, "max_new_tokens": args.max_new_tokens,
           "latency_runs": args.runs, "eval_s": t1 - t0, "latency_s": time.perf_counter() - t1}
 
@@ -219,7 +224,9 @@ def _cell(x, fmt: str) -> str:
 def print_table(res: dict) -> None:
   print(f"\n{res['questions']} questions, {res['visual_tokens']} visual tokens, "
         f"{res['num_layers']} decoder layers; FLOPs convention {res['flops_convention']} "
-        f"(n_text = {res['n_text']}); latency: batch {res['batch_size']}, median of "
+        f"per prompt from its own text (n_text {min(res['n_text_per_prompt'])}-"
+        f"{max(res['n_text_per_prompt'])}), "
+        f"averaged; latency: batch {res['batch_size']}, median of "
         f"{res['latency_runs']} interleaved runs")
   print(f"{'method':<16}{'keep %':>7}{'schedule':>30}{'avg vis':>8}{'cell':>7}{'count':>7}"
         f"{'pres.':>7}{'overall':>8}{'retain %':>9}{'FLOPs -%':>9}{'time x':>7}")

@@ -80,6 +80,22 @@ def reduction(schedule, n_text: int, n_visual: int, dims: Dims, convention: str 
   return 1 - prefill_flops(schedule, n_text, n_visual, dims, convention) / full
 
 
+def batch_flops(schedule, n_text_B, n_visual_B, dims: Dims, convention: str = "B") -> list[int]:
+  """Per example, the prefill FLOPs of its own prompt: its own text length and visual count (a
+  count keep is min(k, n_b) of them, a percentage applies to n_b), not the padded batch's."""
+  out = []
+  for t, n in zip(n_text_B, n_visual_B):
+    s = schedule_lib.for_example(schedule, int(n), dims.num_layers) if schedule and n else ()
+    out.append(prefill_flops(s, int(t), int(n), dims, convention))
+  return out
+
+
+def batch_reduction(schedule, n_text_B, n_visual_B, dims: Dims, convention: str = "B") -> float:
+  """1 - mean_b F_b(schedule) / mean_b F_b(unpruned), over the prompts' own lengths."""
+  full = sum(batch_flops((), n_text_B, n_visual_B, dims, convention))
+  return 1 - sum(batch_flops(schedule, n_text_B, n_visual_B, dims, convention)) / full
+
+
 def xla_layer_flops(cfg, n: int, batch: int = 1) -> float:
   """XLA's cost-analysis FLOPs of one compiled decoder layer (`llama.run_layers`) over n tokens.
 

@@ -9,8 +9,10 @@ from pathlib import Path
 import numpy as np
 
 import jaxmm.cli
-from jaxmm import api
+from jaxmm import api, flops
+from jaxmm.data import processors
 from jaxmm.errors import InputError
+from jaxmm.pruning import schedule as schedule_lib
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -18,6 +20,11 @@ def add_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--image", help="image file (required for LLaVA models)")
   p.add_argument("--prompt", required=True, help="the user's question")
   p.add_argument("--max-new-tokens", type=int, default=32)
+  p.add_argument("--schedule", help="prune visual tokens at prefill: METHOD@LAYER:KEEP[,...], "
+                 "e.g. entropy@2:50%% or divprune@0:64,random@5:16")
+  p.add_argument("--positions", choices=schedule_lib.POSITIONS,
+                 help="position ids after pruning (default: each method's reference convention)")
+  p.add_argument("--seed", type=int, default=0, help="seed of random pruning")
 
 
 def _load_image(path):
@@ -30,18 +37,17 @@ def _load_image(path):
 
 def prepare(model_dir, prompt: str, image_path=None, family="llava"):
   """Chat-templated inputs as numpy: (input_ids, attention_mask, pixel_values or None, tokenizer)."""
-  from transformers import AutoProcessor, AutoTokenizer
   if not prompt.strip():
     raise InputError("the prompt is empty")
   if family == "llava":
     if image_path is None:
       raise InputError("a LLaVA model needs --image")
-    proc = AutoProcessor.from_pretrained(model_dir)
+    proc = processors.load_processor(model_dir)
     msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
     text = proc.apply_chat_template(msgs, add_generation_prompt=True)
     enc = proc(images=_load_image(image_path), text=text, return_tensors="np")
     return enc["input_ids"], enc["attention_mask"], enc["pixel_values"], proc.tokenizer
-  tok = AutoTokenizer.from_pretrained(model_dir)
+  tok = processors.load_tokenizer(model_dir)
   ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
   ids = np.asarray(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)[None]
   return ids, np.ones_like(ids), None, tok
@@ -55,9 +61,36 @@ def answer(m, prompt: str, image_path=None, max_new_tokens: int = 32) -> str:
   return tok.decode(new[0], skip_special_tokens=True).strip()
 
 
+def pruned_answer(m, prompt: str, image_path, max_new_tokens: int, schedule: str,
+                  positions=None, seed: int = 0) -> tuple[str, list[str]]:
+  """(answer, report lines): the greedy answer under a pruning schedule, the visual tokens kept
+  at each stage and the prefill FLOPs reduction (convention B, this prompt's own lengths)."""
+  ids, mask, px, tok = prepare(m.path, prompt, image_path, m.family)
+  sched = schedule_lib.parse(schedule, positions)
+  new, kept, resolved = api.generate(m, input_ids=ids, attention_mask=mask, pixel_values=px,
+                                     max_new_tokens=max_new_tokens, schedule=sched, seed=seed,
+                                     return_kept=True)
+  n_vis = resolved[0].visual_in
+  n_text = int(mask.sum()) - n_vis
+  red = flops.reduction(resolved, n_text, n_vis, flops.Dims.from_config(m.config), "B")
+  lines = [f"visual tokens: {n_vis} at the input"]
+  lines += [f"  {st.method}@{st.layer}: kept {int((k[0] >= 0).sum())}" for st, k in
+            zip(resolved, kept)]
+  lines.append(f"prefill FLOPs of the decoder layers: -{100 * red:.1f}% (convention B)")
+  return tok.decode(new[0], skip_special_tokens=True).strip(), lines
+
+
 def run(args) -> int:
   m = api.load(Path(args.model))
-  print(answer(m, args.prompt, args.image, args.max_new_tokens))
+  if args.schedule is None:
+    if args.positions is not None:
+      raise InputError("--positions applies to a --schedule")
+    print(answer(m, args.prompt, args.image, args.max_new_tokens))
+    return 0
+  text, lines = pruned_answer(m, args.prompt, args.image, args.max_new_tokens, args.schedule,
+                              args.positions, args.seed)
+  print(text)
+  print("\n".join(lines))
   return 0
 
 

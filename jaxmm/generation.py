@@ -73,13 +73,15 @@ def _decode(dec, dp, logits_BxV, segs, max_new_tokens):
 
 
 def generate(cfg, params, *, max_new_tokens: int = 32, schedule=None, seed: int = 0,
-             example_ids=None, **inputs) -> np.ndarray:
+             example_ids=None, return_kept: bool = False, **inputs):
   """Greedy decoding. `inputs`: the family's inputs with transformers' names (input_ids,
   attention_mask, pixel_values, position_ids, ...); prompts must be left padded. `schedule`
   (text or parsed) prunes visual tokens at prefill; random pruning draws from
   fold_in(PRNGKey(seed), example id), with `example_ids` defaulting to the row numbers.
   Returns the new tokens i32[B, n], n <= max_new_tokens (the loop stops once every sequence has
-  produced EOS; finished sequences are filled with the pad id)."""
+  produced EOS; finished sequences are filled with the pad id). With `return_kept`, returns
+  (tokens, kept, schedule): per stage the original indices i32[B, k] of the kept visual tokens
+  (-1 padded) and the schedule as resolved for this batch."""
   if max_new_tokens < 1:
     raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
   name = registry.family_of(cfg)
@@ -89,7 +91,8 @@ def generate(cfg, params, *, max_new_tokens: int = 32, schedule=None, seed: int 
     raise InputError("generation needs left padding: the last position of every prompt must be valid")
   sched = core.resolve(name, cfg, prepared, schedule)
   keys = inputs_lib.example_keys(seed, arrays["input_ids"].shape[0], example_ids)
-  logits, segs, _ = _prefill(name, cfg, params, arrays, keys, sched, max_new_tokens)
+  logits, segs, kept = _prefill(name, cfg, params, arrays, keys, sched, max_new_tokens)
   dec, dp = core.decoder_of(name, cfg, params)
   out, steps = _decode(dec, dp, logits, segs, max_new_tokens)
-  return np.asarray(out)[:, :int(steps)]
+  tokens = np.asarray(out)[:, :int(steps)]
+  return (tokens, tuple(np.asarray(k) for k in kept), sched) if return_kept else tokens

@@ -36,3 +36,23 @@ def example_keys(seed: int, batch: int, example_ids=None):
     raise InputError(f"example_ids must have one id per example ({batch}), got shape {list(ids.shape)}")
   base = jax.random.PRNGKey(seed)
   return jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.asarray(ids, jnp.uint32))
+
+
+def check_vocab(ids_BxT, vocab_size: int, allowed=()) -> None:
+  """Token ids must lie in [0, vocab) (`allowed`: placeholder ids outside it, e.g. an added
+  image token, which the model replaces before the embedding); the embedding gather would
+  otherwise clamp them silently, computing on another token."""
+  ids = np.asarray(ids_BxT)
+  bad = (ids < 0) | (ids >= vocab_size)
+  for a in allowed:
+    bad &= ids != a
+  if bad.any():
+    raise InputError(f"input_ids: token id {int(ids[bad][0])} is outside the vocabulary "
+                     f"[0, {vocab_size}) ({int(bad.sum())} such id(s))")
+
+
+def check_finite(x, name: str) -> None:
+  """Float inputs must hold no NaN or inf."""
+  a = np.asarray(x)
+  if np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all():
+    raise InputError(f"{name} holds {int((~np.isfinite(a)).sum())} NaN/inf value(s)")

@@ -9,7 +9,9 @@ from jaxmm.errors import ConfigError
 
 FAMILIES = {
     "llava": "jaxmm.models.llava",
+    "llava_next": "jaxmm.models.llava_next",
     "llama": "jaxmm.models.llama",
+    "qwen2_vl": "jaxmm.models.qwen2_vl",  # Qwen2-VL and Qwen2.5-VL (Config.model_type)
     "bert": "jaxmm.models.bert",
     "mgfte": "jaxmm.mgfte.training",  # Config: ExtractorConfig (encoder + head)
     "cadit": "jaxmm.cadit.loop",  # Config: RunSpec (networks config, task, seed)
@@ -23,7 +25,8 @@ def family_module(family: str):
 
 
 # The family of an in-memory config, for callers that hold a config without a folder.
-_CONFIG_FAMILY = {"LlavaConfig": "llava", "LlamaConfig": "llama"}
+_CONFIG_FAMILY = {"LlavaConfig": "llava", "LlamaConfig": "llama",
+                  "LlavaNextConfig": "llava_next", "Qwen2VLConfig": "qwen2_vl"}
 
 
 def family_of(cfg) -> str:

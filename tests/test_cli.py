@@ -91,3 +91,52 @@ def test_every_help_exits_zero_in_process(capsys, monkeypatch):
     code, out = _help(words, capsys, monkeypatch)
     assert code == 0 and out.startswith(f"usage: jaxmm {' '.join(words)} "), words
     assert command.help in out, words
+
+
+@pytest.mark.parametrize("drop, what", [(("tokenizer.json",), "tokenizer"),
+                                        (("preprocessor_config.json", "processor_config.json"),
+                                         "image processor")])
+def test_a_folder_without_its_tokenizer_or_processor_is_one_error_line(tiny_model, tmp_path,
+                                                                       capsys, drop, what):
+  import shutil
+  folder = tmp_path / "model"
+  shutil.copytree(tiny_model / "jaxmm", folder)
+  for name in drop:
+    (folder / name).unlink(missing_ok=True)
+  questions = tmp_path / "q.jsonl"
+  questions.write_text('{"question_id": 1, "image": "digit.png", "text": "what ?"}\n')
+  runs = [["generate", "--model", str(folder), "--image", str(tiny_model / "digit.png"),
+           "--prompt", "what ?"],
+          ["eval", "vqa", "--model", str(folder), "--questions", str(questions),
+           "--image-folder", str(tiny_model), "--answers-file", str(tmp_path / "a.jsonl")]]
+  for argv in runs:
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and len(err.splitlines()) == 1
+    assert f"has no {what} files" in err and "jaxmm convert" in err
+
+
+def test_generate_prunes_with_a_schedule_and_reports_it(tiny_model, capsys):
+  from jaxmm import api, flops
+  from jaxmm.generate_cli import prepare
+  from jaxmm.pruning import schedule as schedule_lib
+  model, image = tiny_model / "jaxmm", tiny_model / "digit.png"
+  args = ["generate", "--model", str(model), "--image", str(image), "--prompt",
+          "what digit is this ?", "--max-new-tokens", "3", "--schedule",
+          "divprune@0:50%,random@1:10", "--positions", "preserve", "--seed", "3"]
+  assert cli.main(args) == 0
+  lines = capsys.readouterr().out.strip().splitlines()
+  m = api.load(model)
+  ids, mask, px, tok = prepare(model, "what digit is this ?", image)
+  sched = "divprune@0:50%,random@1:10"
+  want = api.generate(m, input_ids=ids, attention_mask=mask, pixel_values=px, max_new_tokens=3,
+                      schedule=schedule_lib.parse(sched, "preserve"),
+                      seed=3)
+  assert lines[0] == tok.decode(want[0], skip_special_tokens=True).strip()
+  assert lines[1:4] == ["visual tokens: 64 at the input", "  divprune@0: kept 32",
+                        "  random@1: kept 10"]
+  n_text = int(mask.sum()) - 64
+  red = flops.reduction("divprune@0:32,random@1:10", n_text, 64, flops.Dims.from_config(m.config))
+  assert lines[4] == f"prefill FLOPs of the decoder layers: -{100 * red:.1f}% (convention B)"
+  assert cli.main(args[:9] + ["--positions", "compact"]) == 2   # --positions without a schedule
+  assert "applies to a --schedule" in capsys.readouterr().err

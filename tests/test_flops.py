@@ -96,3 +96,20 @@ def test_xla_counts_a_scanned_stack_once():
   pos, mask = jnp.zeros((1, n), jnp.int32), jnp.ones((1, n, n), bool)
   cost = jax.jit(lambda lp, x: llama.run_layers(MHA, lp, x, pos, mask).x).lower(stack, x).compile()
   assert cost.cost_analysis()["flops"] < 1.5 * one
+
+
+def test_batch_flops_count_each_prompt_on_its_own_lengths():
+  """Not the padded length: each prompt's own text, and its own visual tokens (a count keep is
+  min(k, n_b), a percentage applies to n_b)."""
+  from jaxmm.flops import Dims, batch_flops, batch_reduction, prefill_flops
+  dims = Dims(32, 4096, 11008)
+  got = batch_flops("entropy@2:98", [40, 64, 10], [576, 576, 60], dims)
+  assert got == [prefill_flops("entropy@2:98", 40, 576, dims),
+                 prefill_flops("entropy@2:98", 64, 576, dims),
+                 prefill_flops("entropy@2:60", 10, 60, dims)]
+  assert batch_flops("divprune@0:50%", [5, 5], [100, 40], dims) == [
+      prefill_flops("divprune@0:50", 5, 100, dims), prefill_flops("divprune@0:20", 5, 40, dims)]
+  assert batch_flops("entropy@2:98", [7], [0], dims) == [prefill_flops((), 7, 0, dims)]
+  red = batch_reduction("entropy@2:98", [40, 64], [576, 576], dims)
+  full = prefill_flops((), 40, 576, dims) + prefill_flops((), 64, 576, dims)
+  assert red == 1 - sum(got[:2]) / full

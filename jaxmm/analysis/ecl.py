@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmm.pruning.entropy import token_entropy
+from jaxmm.pruning.entropy import entropy_from_spectrum, spectrum, token_entropy
 
 EPS = 1e-10   # eigenvalues of ρ at or below this count as zero (0 ln 0 = 0)
 
@@ -22,6 +22,21 @@ def mean_token_entropy(queries_LxTxHxK, visual_T):
   """f32[L]: per layer, the mean §2.1 entropy over the visual tokens of one example."""
   w = visual_T.astype(jnp.float32)
   s_LxT = jax.vmap(token_entropy)(queries_LxTxHxK)
+  return (s_LxT * w).sum(-1) / w.sum()
+
+
+def normalised_token_entropy(q_HxK):
+  """f32[]: the §2.1 entropy of the dual Gram divided by its trace (a density matrix), which
+  does not depend on the query's norm, unlike the reference's un-normalised score."""
+  lam = jnp.maximum(spectrum(q_HxK), 0.0)
+  return entropy_from_spectrum(lam / jnp.maximum(lam.sum(), 1e-30), q_HxK.shape[0])
+
+
+@jax.jit
+def mean_normalised_entropy(queries_LxTxHxK, visual_T):
+  """f32[L]: per layer, the mean trace-normalised token entropy over the visual tokens."""
+  w = visual_T.astype(jnp.float32)
+  s_LxT = jax.vmap(jax.vmap(normalised_token_entropy))(queries_LxTxHxK)
   return (s_LxT * w).sum(-1) / w.sum()
 
 

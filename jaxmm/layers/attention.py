@@ -23,13 +23,25 @@ def attend(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask_BxTxS, scale):
   return out.reshape(b, t, h * kd)
 
 
+def last_valid_slot(mask_BxTxS):
+  """i32[B]: each example's last valid query slot (a valid slot sees itself: mask[b, t, t]), so
+  the last prompt token of left- and right-padded prompts alike."""
+  t = mask_BxTxS.shape[1]
+  diag = jnp.diagonal(mask_BxTxS[:, :, :t], axis1=1, axis2=2)
+  return t - 1 - jnp.argmax(diag[:, ::-1], axis=1)
+
+
 def last_row(q_BxTxHxK, k_BxSxGxK, mask_BxTxS, scale):
-  """f32[B, S]: the last query's attention probabilities, averaged over its H heads."""
+  """f32[B, S]: the attention probabilities of each example's last valid query (its last prompt
+  token, whatever the padding side), averaged over its H heads."""
   b, t, h, kd = q_BxTxHxK.shape
   g = k_BxSxGxK.shape[2]
-  q = q_BxTxHxK[:, -1].reshape(b, g, h // g, kd)
+  last = last_valid_slot(mask_BxTxS)
+  q = jnp.take_along_axis(q_BxTxHxK, last[:, None, None, None], axis=1)[:, 0]
+  q = q.reshape(b, g, h // g, kd)
+  row = jnp.take_along_axis(mask_BxTxS, last[:, None, None], axis=1)[:, 0]
   s = jnp.einsum("bgrk,bsgk->bgrs", q, k_BxSxGxK, preferred_element_type=jnp.float32) * scale
-  s = jnp.where(mask_BxTxS[:, -1][:, None, None], s, jnp.finfo(jnp.float32).min)
+  s = jnp.where(row[:, None, None], s, jnp.finfo(jnp.float32).min)
   return jax.nn.softmax(s, axis=-1).mean(axis=(1, 2))
 
 
@@ -52,17 +64,19 @@ class CausalSelfAttention(nn.Module):
   `capture` is opt-in introspection, sown into the "intermediates" collection (a no-op unless the
   caller makes it mutable; with capture=() the compiled code is unchanged):
     "queries":  f[B, T, H, K] query states before RoPE;
-    "attn_row": f32[B, S] attention probabilities of the last query, averaged over heads. Only
-                that row is computed, so the full T x S map is never materialised.
+    "attn_row": f32[B, S] attention probabilities of each example's last valid query (its last
+                prompt token, left or right padded), averaged over heads. Only that row is
+                computed, so the full T x S map is never materialised.
     "attn_logp": f32[B, H, T, S] log attention probabilities of every head (for training
                 losses on attention, e.g. grounding).
   """
   num_heads: int
   num_kv_heads: int
   head_dim: int
-  use_bias: bool = False
+  use_bias: bool = False        # on q, k, v (and on o unless o_bias says otherwise)
   dtype: jnp.dtype = jnp.float32
   capture: tuple = ()
+  o_bias: bool | None = None    # None: as use_bias (LLaMA); Qwen2 has q/k/v biases and none on o
 
   @nn.compact
   def __call__(self, x_BxTxD, sin_cos, mask_BxTxS, cache=None):
@@ -84,7 +98,8 @@ class CausalSelfAttention(nn.Module):
     if "attn_logp" in self.capture:
       self.sow("intermediates", "attn_logp", log_probs(q, k, mask_BxTxS, self.head_dim ** -0.5))
     out = attend(q, k, v, mask_BxTxS, self.head_dim ** -0.5)
-    return nn.Dense(d, use_bias=self.use_bias, dtype=self.dtype, name="o")(out), cache
+    o_bias = self.use_bias if self.o_bias is None else self.o_bias
+    return nn.Dense(d, use_bias=o_bias, dtype=self.dtype, name="o")(out), cache
 
 
 class BidirectionalAttention(nn.Module):

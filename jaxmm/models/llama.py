@@ -29,7 +29,8 @@ INPUTS = frozenset({"input_ids", "attention_mask", "position_ids"})
 
 
 class DecoderLayer(nn.Module):
-  """Pre-norm residual block: x + attn(norm(x)); x + mlp(norm(x)). `capture`: see attention."""
+  """Pre-norm residual block: x + attn(norm(x)); x + mlp(norm(x)). `capture`: see attention.
+  `cfg`: a LlamaConfig, or any config with its fields (Qwen2's: q/k/v biases, no o bias)."""
   cfg: LlamaConfig
   capture: tuple = ()
 
@@ -37,7 +38,7 @@ class DecoderLayer(nn.Module):
   def __call__(self, x_BxTxD, sin_cos, mask_BxTxS, cache=None):
     cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
     attn = CausalSelfAttention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.attention_bias,
-                               dt, self.capture, name="attn")
+                               dt, self.capture, cfg.o_bias, name="attn")
     a, cache = attn(RMSNorm(cfg.rms_norm_eps, name="attn_norm")(x_BxTxD), sin_cos, mask_BxTxS, cache)
     x = x_BxTxD + a
     mlp = SwiGLU(cfg.intermediate_size, cfg.mlp_bias, dt, name="mlp")
@@ -171,6 +172,7 @@ def prepare(cfg: LlamaConfig, inputs: dict) -> Prepared:
   """Host-side checks of text inputs (transformers' names); no visual tokens."""
   ids, mask, pos = inputs_lib.text_inputs(inputs["input_ids"], inputs.get("attention_mask"),
                                           inputs.get("position_ids"))
+  inputs_lib.check_vocab(ids, cfg.vocab_size)
   n_valid = np.asarray(mask).sum(axis=1)
   return Prepared({"input_ids": ids, "attention_mask": mask, "position_ids": pos},
                   visual_B=np.zeros_like(n_valid), text_B=n_valid)
@@ -193,8 +195,7 @@ def init_params(cfg: LlamaConfig, key) -> dict:
   `jax.eval_shape`), the tree that `rules(cfg)` converts into."""
   k_emb, k_layers, k_head = jax.random.split(key, 3)
   d, t = cfg.hidden_size, 4  # any length: only the shapes of the weights matter
-  x, pos = jnp.zeros((1, t, d)), jnp.zeros((1, t), jnp.int32)
-  sc = rope.sin_cos(pos, rope.inv_frequencies(cfg))
+  x, sc = jnp.zeros((1, t, d)), (jnp.zeros((1, t, cfg.head_dim)),) * 2
   mask = jnp.ones((1, t, t), bool)
   p = {"embed": jax.random.normal(k_emb, (cfg.vocab_size, d)) * 0.02,
        "layers": _stacked(DecoderLayer(cfg), k_layers, cfg.num_layers, x, sc, mask),

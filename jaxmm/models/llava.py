@@ -72,6 +72,7 @@ def check_images(cfg: LlavaConfig, input_ids, pixel_values):
   if px.ndim != 4 or tuple(px.shape[1:]) != want:
     raise InputError(f"pixel_values must be [images, {want[0]}, {want[1]}, {want[2]}], "
                      f"got {list(px.shape)}")
+  inputs_lib.check_finite(px, "pixel_values")
   if n_tok != px.shape[0] * cfg.num_image_tokens:
     raise InputError(f"input_ids hold {n_tok} image tokens, but {px.shape[0]} image(s) give "
                      f"{px.shape[0] * cfg.num_image_tokens} features ({cfg.num_image_tokens} each)")
@@ -89,6 +90,7 @@ def prepare(cfg: LlavaConfig, inputs: dict) -> Prepared:
   visual-token count is its own (`num_image_tokens` per image)."""
   ids, mask, pos = inputs_lib.text_inputs(inputs["input_ids"], inputs.get("attention_mask"),
                                           inputs.get("position_ids"))
+  inputs_lib.check_vocab(ids, cfg.text.vocab_size, allowed=(cfg.image_token_id,))
   px = check_images(cfg, ids, inputs.get("pixel_values"))
   visual = (np.asarray(ids) == cfg.image_token_id) & np.asarray(mask)
   n_vis = visual.sum(axis=1)

@@ -133,11 +133,31 @@ def _resolve_stage(stage: Stage, n_in: int, num_layers: int) -> Stage:
   return dataclasses.replace(stage, keep=k, visual_in=n_in, percent=pct)
 
 
+def keep_for(stage: Stage, n: int) -> int:
+  """What an example with n visual tokens keeps at `stage`: a count keeps min(keep, n), a
+  percentage applies to n itself."""
+  spec = stage.percent or stage.keep
+  return keep_count(spec, n) if isinstance(spec, str) else min(spec, n)
+
+
 def _per_example(stage: Stage, n_B):
-  """Each example's kept visual tokens: min(keep, n_b), or the percentage of its own n_b."""
-  if stage.percent is not None:
-    return [keep_count(stage.percent, int(n)) for n in n_B]
-  return [min(stage.keep, int(n)) for n in n_B]
+  """Each example's kept visual tokens (`keep_for`)."""
+  return [keep_for(stage, int(n)) for n in n_B]
+
+
+def for_example(schedule: Schedule, n_visual: int, num_layers: int) -> Schedule:
+  """The schedule as one example with n_visual tokens runs it inside a batch (its count keeps
+  clipped to its own tokens), resolved for it alone."""
+  if isinstance(schedule, str):
+    schedule = parse(schedule)
+  out, n = [], n_visual
+  for st in schedule:
+    k, spec = keep_for(st, n), st.percent or st.keep
+    keep = spec if isinstance(spec, str) else k
+    out.append(_resolve_stage(dataclasses.replace(st, keep=keep, percent=None, out_len=None),
+                              n, num_layers))
+    n = k
+  return tuple(out)
 
 
 def resolve(schedule: Schedule, n_visual, num_layers: int, seq_len: int | None = None) -> Schedule:

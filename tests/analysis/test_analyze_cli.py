@@ -1,5 +1,8 @@
 """`analyze ecl`, `analyze horizon` and `analyze crossover` end to end on a tiny random digits LLaVA."""
+import dataclasses
 import json
+
+import jax.numpy as jnp
 
 import numpy as np
 import pytest
@@ -26,14 +29,26 @@ def setup(tmp_path_factory):
   return d, model
 
 
-def test_analyze_ecl_writes_json_and_png(setup):
-  d, model = setup
+def test_analyze_ecl_finds_a_planted_collapse(setup, tmp_path):
+  """6 decoder layers of 4 heads (the rule looks at layers 1-3); in layer 2 every head's query
+  equals head 0's, so the centred per-head queries vanish and the token entropy collapses
+  there. The queries are scaled down so that the reference's un-normalised entropy, which
+  grows negative with query norms, sits in its positive range as well."""
+  d, _ = setup
+  run = vlm.Run(dataclasses.replace(vlm.tiny(), text_layers=6, text_heads=4))
+  attn = run.state["params"]["llm"]["layers"]["attn"]
+  heads, dh = run.cfg.text.num_heads, run.cfg.text.head_dim
+  q = 0.05 * attn["q"]["kernel"]
+  attn["q"]["kernel"] = q.at[2].set(jnp.tile(q[2][:, :dh], (1, heads)))
+  model = run.save_model(tmp_path / "collapsed")
   args = ["--model", str(model), "--questions", str(d / "q.jsonl"), "--image-folder", str(d)]
   assert module_main("jaxmm.eval.analyze_ecl", args + ["--out", str(d / "ecl")]) == 0
   res = json.loads((d / "ecl" / "ecl.json").read_text())
-  n_l = res["num_layers"]
-  assert len(res["mean_token_entropy"]) == len(res["global_entropy"]) == n_l
-  assert 1 <= res["ecl_layer"] <= max(1, n_l // 2) and res["questions"] == 2
+  assert len(res["mean_token_entropy"]) == len(res["global_entropy"]) == 6
+  for curve in (res["mean_token_entropy"], res["mean_token_entropy_trace_normalised"]):
+    assert curve[2] < 1e-6 < min(curve[:2] + curve[3:])
+  assert res["ecl_layer"] == res["ecl_layer_trace_normalised"] == 2 and res["questions"] == 2
+  assert "jaxmm's own" in res["definitions"]["ecl_layer"]
   assert (d / "ecl" / "ecl.png").stat().st_size > 0
 
 

@@ -50,15 +50,16 @@ def test_picks_equal_brute_force_reference(seed, k):
 
 def test_score_ranks_picks_first_and_masks_text():
   from jaxmm.pruning.state import TokenState
-  rng = np.random.default_rng(0)
+  rng = np.random.default_rng(1)   # a seed whose picks have no near-tie (gap 0.022)
   x = jnp.asarray(rng.standard_normal((12, D)), jnp.float32)
   visual = jnp.asarray(np.arange(12) >= 2) & jnp.asarray(np.arange(12) < 10)
   s1 = TokenState(hidden=x, positions=jnp.arange(12), valid=jnp.ones(12, bool), visual=visual,
                   origin=jnp.arange(12))
   s = np.asarray(divprune.score(s1, {}, None, 3))
-  order = np.asarray(divprune.greedy_order(x, visual, 3))
+  want, gap = reference_picks(np.asarray(x)[2:10], 3)   # the brute force on the visual tokens
+  assert gap > 1e-5
   assert np.all(np.isneginf(s[~np.asarray(visual)]))
-  np.testing.assert_array_equal(np.argsort(-s)[:3], np.argsort(order)[:3])
+  np.testing.assert_array_equal(np.argsort(-s)[:3], np.asarray(want) + 2)
   assert sorted(s[np.asarray(visual)])[:-3] == [0.0] * 5 and sorted(s)[-3:] == [1.0, 2.0, 3.0]
 
 
