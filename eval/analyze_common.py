@@ -1,7 +1,10 @@
-"""Shared by `jaxmm analyze ecl` and `jaxmm analyze horizon`: one question at a time, captured.
+"""Shared by the `jaxmm analyze` commands: one question at a time, captured.
 
-Prompts go through the model's chat template and processor (as in `jaxmm eval vqa`) and are left
-padded to one length for the whole file, so the captured forward compiles once.
+Prompts go through the model's own chat template and processor (`jaxmm.data.prompts`, as in
+`jaxmm eval vqa`), whose outputs go whole to `jaxmm.forward`; each is left padded to a multiple
+of 8 slots, so the captured forward compiles once per padded length (and image-shape bucket).
+Any vision-language family works: visual tokens, their counts and positions come from the
+model's family.
 """
 import argparse
 import sys
@@ -13,12 +16,13 @@ from tqdm import tqdm
 
 from jaxmm import api
 from jaxmm.analysis.capture import Capture
-from jaxmm.data import vqa
+from jaxmm.data import prompts, vqa
 from jaxmm.errors import InputError
 
 
 def add_common_args(p: argparse.ArgumentParser) -> None:
-  p.add_argument("--model", required=True, help="jaxmm LLaVA folder (converted or trained)")
+  p.add_argument("--model", required=True, help="jaxmm vision-language model folder "
+                 "(converted or trained)")
   p.add_argument("--questions", required=True, help="LLaVA-format question JSONL")
   p.add_argument("--image-folder", required=True, help="folder the `image` fields are relative to")
   p.add_argument("--out", required=True, help="folder for the JSON and PNG results")
@@ -26,33 +30,36 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
 
 
 def load(args):
-  """(model, question rows, Prompter). Rejects non-LLaVA models."""
-  from jaxmm.eval.vqa import Prompter
+  """(model, question rows, Prompter). Rejects models that take no images."""
+  from jaxmm.eval.vqa import require_images
   m = api.load(args.model)
-  if not hasattr(m.config, "num_image_tokens"):
-    raise InputError(f"{args.model}: analyses need a LLaVA-family model, got {m.family}")
+  require_images(m, "the analyses")
   rows = vqa.read_questions(args.questions)[:args.limit]
   if not rows:
     raise InputError(f"{args.questions}: no questions")
-  return m, rows, Prompter(m)
+  return m, rows, prompts.Prompter(m.path)
 
 
-def captured(m, rows, pr, image_folder, capture: Capture, desc: str):
-  """Yields (row, ids i32[1, T], mask [1, T], out with `captured`, seconds) per readable question;
-  unreadable images are reported on stderr and skipped."""
+def questions(rows, pr, image_folder, desc: str):
+  """Yields (row, inputs of that question alone) per readable question: NumPy arrays with
+  transformers' names (`Prompter.inputs`); unreadable images are reported on stderr and
+  skipped."""
   from jaxmm.eval.vqa import load_image
-  texts = [pr.text(r["text"]) for r in rows]
-  length = pr.max_length(texts)
-  for r, text in tqdm(list(zip(rows, texts)), desc=desc, unit="q"):
+  for r in tqdm(rows, desc=desc, unit="q"):
     img, err = load_image(Path(image_folder) / str(r["image"]))
     if err:
       print(f"question {r['question_id']}: {err}", file=sys.stderr)
       continue
-    ids, mask, px = pr.batch([img], [text], length)
+    yield r, pr.inputs([img], [pr.text(r["text"])])
+
+
+def captured(m, rows, pr, image_folder, capture: Capture, desc: str):
+  """Yields (row, inputs, out with `captured`, seconds) per readable question (`questions`)."""
+  for r, inputs in questions(rows, pr, image_folder, desc):
     t0 = time.perf_counter()
-    out = api.forward(m, input_ids=ids, pixel_values=px, attention_mask=mask, capture=capture)
+    out = api.forward(m, capture=capture, **inputs)
     out.logits.block_until_ready()
-    yield r, ids, mask, out, time.perf_counter() - t0
+    yield r, inputs, out, time.perf_counter() - t0
 
 
 def timing(seconds: list) -> dict:

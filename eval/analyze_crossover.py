@@ -5,11 +5,13 @@
                           [--random-seeds 3] [--limit N] [--batch-size 50]
                           [--max-new-tokens 8]
 
-For every swept layer K it answers the questions twice over: with `METHOD@K:KEEP` and with
-`random@K:KEEP`, the random stage placing its survivors like the method's stage does (same
-`positions`) and drawn with several seeds. The advantage of the method at K is its accuracy
-minus the mean random accuracy; its standard error combines the method's binomial error with
-the spread of the random draws. The crossover layer is the first swept K from which on the
+M is any vision-language family; a count KEEP keeps min(KEEP, n) of a question's n visual
+tokens, a percentage applies to each question's own n. For every swept layer K it answers the
+questions twice over: with `METHOD@K:KEEP` and with `random@K:KEEP`, the random stage placing
+its survivors like the method's stage does (same `positions`, the method's own or --positions)
+and drawn with several seeds. The advantage of the method at K is its accuracy minus the mean
+random accuracy; its standard error combines the method's binomial error with the spread of
+the random draws. The crossover layer is the first swept K from which on the
 advantage never exceeds twice that error: beyond it, the method is no better than random
 (pruning.md §4: random pruning at and beyond the information horizon). `null` when the method
 keeps a clear advantage to the last swept layer.
@@ -27,6 +29,7 @@ from jaxmm.eval import vqa as eval_vqa
 from jaxmm import checkpoint
 from jaxmm.data import vqa
 from jaxmm.errors import InputError
+from jaxmm.models import core
 from jaxmm.pruning import schedule as schedule_lib
 
 METHODS = ("entropy", "fastv", "divprune")
@@ -39,6 +42,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--keep", default="22%", help="visual tokens kept: a count or a percentage")
   p.add_argument("--layers", help="layers to sweep: 'A-B', 'A,B,C' or a mix (default: every "
                  "layer the method can prune at)")
+  p.add_argument("--positions", choices=schedule_lib.POSITIONS,
+                 help="position ids of the kept tokens, for the method and random alike "
+                 "(default: the method's own; M-RoPE models need preserve)")
   p.add_argument("--random-seeds", type=int, default=3, help="random draws per layer")
   p.add_argument("--batch-size", type=int, default=50)
   p.add_argument("--max-new-tokens", type=int, default=8, help="answer length limit (the demo's "
@@ -63,8 +69,9 @@ def crossover_layer(layers, acc_method, acc_random_RxK, n: int):
 
 
 def sweep(m, rows, key, image_folder, method, keep, layers, seeds, batch,
-          max_new_tokens) -> list[dict]:
-  """Per layer, the scores (`jaxmm.eval.vqa.score`) of the method and of each random draw."""
+          max_new_tokens, positions=None) -> list[dict]:
+  """Per layer, the scores (`jaxmm.eval.vqa.score`) of the method and of each random draw
+  (`positions`: both stages' position convention; None: the method's own)."""
   def scores(text, positions, seed):
     lines, _, _ = eval_vqa.answer_all(m, rows, image_folder,
                                       schedule_lib.parse(text, positions=positions), batch,
@@ -73,8 +80,8 @@ def sweep(m, rows, key, image_folder, method, keep, layers, seeds, batch,
   out = []
   for k in layers:
     stage = f"{method}@{k}:{keep}"
-    positions = schedule_lib.parse(stage)[0].positions
-    res = scores(stage, None, 0)
+    positions = schedule_lib.parse(stage, positions)[0].positions
+    res = scores(stage, positions, 0)
     rnd = [scores(f"random@{k}:{keep}", positions, s) for s in range(seeds)]
     out.append({"layer": k, "method": res, "random": rnd})
     print(f"  layer {k}: {method} {100 * res['overall']:.1f}%  random "
@@ -99,20 +106,46 @@ def curves(sw: list[dict], layers) -> dict:
   return out
 
 
+def visual_counts(m, rows, pr, image_folder) -> dict:
+  """{question_id: visual tokens} of the readable questions, as the model's family counts them
+  (`core.prepare`: each image's own count)."""
+  out = {}
+  for r, inputs in common.questions(rows, pr, image_folder, "visual tokens"):
+    out[r["question_id"]] = int(core.prepare(m.family, m.config, inputs).visual_B[0])
+  return out
+
+
+def check_keep(text: str, counts) -> int | str:
+  """The keep of `--keep` (a count, or a percentage string that each question applies to its
+  own visual tokens), checked to keep at least one token of every question and, as a count, at
+  most the largest visual block."""
+  keep = schedule_lib.parse(f"random@1:{text}")[0].keep
+  if not counts:
+    raise InputError("no readable question")
+  low = min(schedule_lib.keep_count(keep, n) for n in counts)
+  if low < 1 or (isinstance(keep, int) and keep > max(counts)):
+    raise InputError(f"--keep {text}: keeps {low if low < 1 else keep} of the questions' "
+                     f"{min(counts)}..{max(counts)} visual tokens; it must keep between 1 and "
+                     "all of them")
+  return keep
+
+
 def analyze(args) -> dict:
   if args.random_seeds < 1:
     raise InputError(f"--random-seeds must be >= 1, got {args.random_seeds}")
-  m, rows, _ = common.load(args)
-  n_vis, n_l = m.config.num_image_tokens, m.config.text.num_layers
-  keep = schedule_lib.keep_count(schedule_lib.parse(f"random@1:{args.keep}")[0].keep, n_vis)
-  if not 1 <= keep <= n_vis:
-    raise InputError(f"--keep {args.keep}: keeps {keep} of {n_vis} visual tokens; it must keep "
-                     "between 1 and all of them")
+  m, rows, pr = common.load(args)
+  n_l = m.config.text.num_layers
   layers = common.parse_layers(args.layers, schedule_lib.min_layer(args.method), n_l)
+  counts = visual_counts(m, rows, pr, args.image_folder)
+  keep = check_keep(args.keep, list(counts.values()))
   sw = sweep(m, rows, vqa.read_answer_key(args.answer_key), args.image_folder, args.method, keep,
-             layers, args.random_seeds, args.batch_size, args.max_new_tokens)
+             layers, args.random_seeds, args.batch_size, args.max_new_tokens, args.positions)
   cv = curves(sw, layers)
-  return {"model": str(m.path), "method": args.method, "keep": keep, "visual_tokens": n_vis,
+  return {"model": str(m.path), "method": args.method, "keep": keep,
+          "positions": args.positions or schedule_lib.DEFAULT_POSITIONS[args.method],
+          "visual_tokens": max(counts.values()),
+          "visual_tokens_per_question": [{"question_id": q, "visual_tokens": n}
+                                         for q, n in counts.items()],
           "num_layers": n_l, "layers": layers, "random_seeds": args.random_seeds,
           "questions_scored": cv["overall"]["questions"],
           "crossover_layer": cv["overall"]["crossover_layer"], "curves": cv,
@@ -137,7 +170,9 @@ def plot(res: dict, path: Path) -> None:
     ax.set_title(name)
     ax.set_xlabel("pruning layer K")
     ax.grid(alpha=0.3)
-  np.atleast_1d(axes)[0].set_ylabel(f"accuracy (%), keep {res['keep']}/{res['visual_tokens']}")
+  np.atleast_1d(axes)[0].set_ylabel(f"accuracy (%), keep {res['keep']} of {res['visual_tokens']}"
+                                    if isinstance(res["keep"], int) else
+                                    f"accuracy (%), keep {res['keep']} of each")
   np.atleast_1d(axes)[0].legend(fontsize=7)
   fig.suptitle(f"{common.model_name(res['model'])}: {res['method']} vs random, "
                f"{res['questions_scored']} questions", fontsize=9)

@@ -42,7 +42,7 @@ def analyze(m, rows, pr, image_folder) -> dict:
   """Curves averaged over the readable questions, the ECL layer and timings."""
   n_l = m.config.text.num_layers
   mean, norm, glob, secs = [], [], [], []
-  for _, _, _, out, fwd_s in common.captured(m, rows, pr, image_folder,
+  for _, _, out, fwd_s in common.captured(m, rows, pr, image_folder,
                                              Capture(hidden=True, queries=True), "analyze ecl"):
     t0 = time.perf_counter()
     cap = out.captured

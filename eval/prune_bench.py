@@ -5,11 +5,16 @@
       [--show-kept IMAGE --show-out PNG]
   jaxmm prune-bench --random-config llava_bench --schedules ...   (random weights, synthetic prompts)
 
---prompts FILE is JSON Lines, one prompt per line: {"image": "path/to/img.png", "text": "question"}
-(relative image paths are relative to FILE). The prompts go through the model's chat template
-and are left padded into one batch. Per schedule, against the unpruned model in the same process:
+--model is any vision-language folder (LLaVA, LLaVA-NeXT, Qwen2-VL / Qwen2.5-VL). --prompts FILE
+is JSON Lines, one prompt per line: {"image": "path/to/img.png", "text": "question"} (relative
+image paths are relative to FILE). The prompts go through the model's own chat template and
+processor (`jaxmm.data.prompts`) and are left padded into one batch; its arrays go whole to the
+model. Each prompt's visual and text tokens are counted by the model's family (an image's own
+count: LLaVA-NeXT's anyres block, Qwen2-VL's merged grid). Per schedule, against the unpruned
+model in the same process:
   - analytic prefill FLOPs of the decoder layers (jaxmm.flops, --convention) and the reduction,
-    per prompt from its own text length (not the padded batch's), averaged over the prompts;
+    per prompt from its own text and visual counts (not the padded batch's), averaged over the
+    prompts;
   - median prefill latency (decoder layers + LM head at the last position, jitted, runs of all
     schedules interleaved so that drift hits all alike) and its ratio to unpruned;
   - scoring overhead: the schedule's score functions alone, jitted, on the layer-(K-1) quantities
@@ -34,19 +39,22 @@ import numpy as np
 import jaxmm.cli
 from jaxmm import api, checkpoint, flops, registry
 from jaxmm import inputs as inputs_lib
+from jaxmm.data import prompts as prompts_lib
 from jaxmm.errors import InputError
+from jaxmm.eval.vqa import require_images
 from jaxmm.models import core, segments
 from jaxmm.pruning import entropy, schedule as schedule_lib, select
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
   src = p.add_mutually_exclusive_group(required=True)
-  src.add_argument("--model", help="a LLaVA folder written by `jaxmm convert`")
+  src.add_argument("--model", help="a vision-language model folder written by `jaxmm convert`")
   src.add_argument("--random-config", help="a jaxmm.config preset (e.g. llava_bench) with random "
                    "weights and synthetic prompts, for timing")
   p.add_argument("--prompts", help="JSONL file of {\"image\": path, \"text\": question} (with --model)")
   p.add_argument("--schedules", nargs="*", default=[], help="schedules such as entropy@2:98")
-  p.add_argument("--budget", type=float, help="average visual-token budget (pruning.md §3.2)")
+  p.add_argument("--budget", type=float, help="average visual-token budget (pruning.md §3.2); "
+                 "needs prompts with one visual-token count")
   p.add_argument("--method", default="entropy", help="method for --budget")
   p.add_argument("--layer", type=int, default=2, help="pruning layer K for --budget")
   p.add_argument("--runs", type=int, default=7, help="timed runs per schedule (>= 5)")
@@ -82,30 +90,23 @@ def read_prompts(path) -> list[dict]:
   return out
 
 
-def left_pad(rows, pad_id: int):
-  """(ids i32[B, T], mask i32[B, T]) from ragged id rows, left padded."""
-  t = max(len(r) for r in rows)
-  ids = np.full((len(rows), t), pad_id, np.int32)
-  mask = np.zeros((len(rows), t), np.int32)
-  for b, r in enumerate(rows):
-    ids[b, t - len(r):], mask[b, t - len(r):] = r, 1
-  return ids, mask
-
-
-def model_inputs(m, prompts):
-  """One left-padded batch (ids, mask, pixel_values) through the model's chat template."""
-  from jaxmm.generate_cli import prepare
-  rows, pixels = [], []
+def model_inputs(m, prompts) -> dict:
+  """One batch of the prompts through the model's chat template and processor, left padded to
+  the longest: NumPy arrays named as transformers names them."""
+  from jaxmm.eval.vqa import load_image
+  pr = prompts_lib.Prompter(m.path)
+  images = []
   for p in prompts:
-    ids, mask, px, tok = prepare(m.path, p["text"], p["image"], m.family)
-    rows.append(ids[0][mask[0].astype(bool)])
-    pixels.append(px)
-  pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-  return (*left_pad(rows, pad), np.concatenate(pixels).astype(np.float32))
+    img, err = load_image(p["image"])
+    if err:
+      raise InputError(err)
+    images.append(img)
+  return pr.inputs(images, [pr.text(p["text"]) for p in prompts], multiple=1)
 
 
 def random_model(name: str, batch: int, n_text: int, seed: int = 0):
-  """(Model with random weights, ids, mask, pixel_values): [5 text][image][n_text - 5 text]."""
+  """(Model with random weights, inputs {input_ids, attention_mask, pixel_values}):
+  [5 text][image][n_text - 5 text]."""
   from jaxmm.eval.bench_prefill import build
   if name != "llava_bench":   # bench_prefill builds (and converts) exactly this preset
     raise InputError(f"--random-config supports llava_bench, got {name!r}")
@@ -115,7 +116,8 @@ def random_model(name: str, batch: int, n_text: int, seed: int = 0):
   ids = np.concatenate([rng.integers(3, 32000, (batch, 5)), img,
                         rng.integers(3, 32000, (batch, n_text - 5))], axis=1).astype(np.int32)
   px = rng.standard_normal((batch, 3, cfg.vision.image_size, cfg.vision.image_size))
-  return api.Model("llava", cfg, jax.device_put(params)), ids, np.ones_like(ids), px.astype(np.float32)
+  return api.Model("llava", cfg, jax.device_put(params)), {
+      "input_ids": ids, "attention_mask": np.ones_like(ids), "pixel_values": px.astype(np.float32)}
 
 
 # ---- measurements -------------------------------------------------------------------------------
@@ -172,28 +174,46 @@ def eigen_step_times(num_heads: int, head_dim: int, n_tokens: int, runs: int) ->
 
 # ---- the benchmark ------------------------------------------------------------------------------
 
-def schedules_from_args(args, n_visual: int, num_layers: int) -> list:
-  out = [schedule_lib.resolve(schedule_lib.parse(s), n_visual, num_layers) for s in args.schedules]
+def schedules_from_args(args, m, prepared) -> list:
+  """The schedules of --schedules and --budget, resolved for the batch (`core.resolve`: each
+  prompt's own visual count on the batch's padded capacity)."""
+  out = [core.resolve(m.family, m.config, prepared, schedule_lib.parse(s)) for s in args.schedules]
   if args.budget is not None:
-    out.append(schedule_lib.from_budget(args.method, args.layer, args.budget, n_visual, num_layers))
+    counts = sorted(set(prepared.visual_B.tolist()))
+    if len(counts) != 1:
+      raise InputError(f"--budget averages one visual-token count over the layers, but the "
+                       f"prompts hold {counts}: give --schedules instead")
+    stage = schedule_lib.from_budget(args.method, args.layer, args.budget, counts[0],
+                                     m.config.text.num_layers)
+    out.append(core.resolve(m.family, m.config, prepared, stage))
   if not out:
     raise InputError("no schedule: give --schedules and/or --budget")
   return out
 
 
-def sched_text(sched) -> str:
-  return ",".join(f"{s.method}@{s.layer}:{s.keep}" for s in sched) or "unpruned"
+def mean_average_visual(sched, n_visual_B, num_layers: int) -> float:
+  """The layer-averaged visual-token count (`schedule.average_visual`) of each prompt under
+  `sched` (as it runs in the batch: `schedule.for_example`), averaged over the prompts."""
+  per = [schedule_lib.average_visual(schedule_lib.for_example(sched, int(n), num_layers),
+                                     num_layers) if sched and n else float(n)
+         for n in n_visual_B]
+  return float(np.mean(per))
 
 
-def prefill_inputs(m, ids_BxT, mask_BxT, px, seed: int = 0):
-  """(TokenState entering the decoder, per-example random keys) for one left-padded batch.
+def sched_text(sched, percent: bool = False) -> str:
+  """The text form of a resolved schedule: its keep counts at the batch's visual capacity or,
+  with `percent`, a percentage keep as given (each prompt applies it to its own count)."""
+  return ",".join(f"{s.method}@{s.layer}:{(percent and s.percent) or s.keep}"
+                  for s in sched) or "unpruned"
 
-  ids i32[B, T] with the image placeholders, mask {0,1}[B, T], px f32[B, C, H, W].
-  """
-  prepared = core.prepare(m.family, m.config, {"input_ids": ids_BxT, "attention_mask": mask_BxT,
-                                                "pixel_values": px})
+
+def prefill_inputs(m, inputs: dict, seed: int = 0):
+  """(TokenState entering the decoder, per-example random keys, the family's `Prepared`) for
+  one left-padded batch: `inputs` as the model's processor names them (`jaxmm.forward`'s)."""
+  prepared = core.prepare(m.family, m.config, inputs)
   state = registry.family_module(m.family).token_state(m.config, m.params, prepared.arrays)
-  return state, inputs_lib.example_keys(seed, ids_BxT.shape[0])
+  keys = inputs_lib.example_keys(seed, prepared.arrays["input_ids"].shape[0])
+  return state, keys, prepared
 
 
 def prefill_times(m, state, key, scheds, runs: int) -> list[list[float]]:
@@ -215,26 +235,27 @@ def prefill_times(m, state, key, scheds, runs: int) -> list[list[float]]:
   return times
 
 
-def measure(m, ids, mask, px, scheds, args) -> dict:
-  cfg, tc = m.config, m.config.text
-  ids, mask, px = jnp.asarray(ids), jnp.asarray(mask).astype(bool), jnp.asarray(px)
-  state, key = prefill_inputs(m, ids, mask, px, args.seed)
-  n_vis = cfg.num_image_tokens
+def measure(m, inputs: dict, scheds, args) -> dict:
+  """FLOPs, latency, scoring time and logit change of each resolved schedule (and unpruned) on
+  one batch (`inputs`: the processor's arrays), FLOPs per prompt from its own counts."""
+  cfg, num_layers = m.config, m.config.text.num_layers
+  state, key, prepared = prefill_inputs(m, inputs, args.seed)
+  vis_B, text_B = prepared.visual_B, prepared.text_B   # each prompt's own, not the padded batch's
   all_scheds = [()] + scheds
   times = prefill_times(m, state, key, all_scheds, args.runs)
-  base_logits = np.asarray(api.forward(m, input_ids=ids, pixel_values=px, attention_mask=mask).logits[:, -1])
+  base_logits = np.asarray(api.forward(m, **inputs).logits[:, -1])
   dims = flops.Dims.from_config(cfg)
-  vis_B = np.asarray((ids == cfg.image_token_id) & mask).sum(1)
-  text_B = np.asarray(mask).sum(1) - vis_B     # each prompt's own text, not the padded length
   full_flops = np.mean(flops.batch_flops((), text_B, vis_B, dims, args.convention))
   base_t = statistics.median(times[0])
+  batch, seq_len = prepared.arrays["input_ids"].shape
   rows = []
   for s, t in zip(all_scheds, times):
-    row = {"schedule": sched_text(s), "stages": [
-        {"method": st.method, "layer": st.layer, "keep": st.keep, "positions": st.positions}
-        for st in s], "average_visual": schedule_lib.average_visual(s, tc.num_layers) if s else n_vis}
+    row = {"schedule": sched_text(s, percent=True), "stages": [
+        {"method": st.method, "layer": st.layer, "keep": st.keep, "percent": st.percent,
+         "positions": st.positions} for st in s],
+        "average_visual": mean_average_visual(s, vis_B, num_layers)}
     f = np.mean(flops.batch_flops(s, text_B, vis_B, dims, args.convention))
-    row.update(flops=float(f) * ids.shape[0], flops_ratio=float(f / full_flops),
+    row.update(flops=float(f) * batch, flops_ratio=float(f / full_flops),
                flops_reduction=float(1 - f / full_flops),
                latency_median_s=statistics.median(t), latency_ratio=statistics.median(t) / base_t,
                latency_s=t)
@@ -242,17 +263,18 @@ def measure(m, ids, mask, px, scheds, args) -> dict:
       row["scoring_s"] = scoring_time(*core.decoder_of(m.family, cfg, m.params), state, s, key,
                                       args.runs)
       row["scoring_pct_of_prefill"] = 100 * row["scoring_s"] / base_t
-      out = api.forward(m, input_ids=ids, pixel_values=px, attention_mask=mask, schedule=s, seed=args.seed)
+      out = api.forward(m, schedule=s, seed=args.seed, **inputs)
       row["max_logit_change"] = float(np.abs(np.asarray(out.logits[:, -1]) - base_logits).max())
     rows.append(row)
-  return {"batch": int(ids.shape[0]), "seq_len": int(ids.shape[1]), "visual_tokens": n_vis,
+  return {"batch": int(batch), "seq_len": int(seq_len), "visual_tokens": vis_B.tolist(),
           "n_text_counted": text_B.tolist(), "convention": args.convention, "runs": args.runs,
           "schedules": rows}
 
 
 def print_table(res: dict) -> None:
-  print(f"batch {res['batch']}, {res['seq_len']} tokens ({res['visual_tokens']} visual), "
-        f"FLOPs convention {res['convention']}, median of {res['runs']} interleaved runs")
+  print(f"batch {res['batch']}, {res['seq_len']} tokens (visual per prompt: "
+        f"{res['visual_tokens']}), FLOPs convention {res['convention']}, median of "
+        f"{res['runs']} interleaved runs")
   head = f"{'schedule':<28}{'avg vis':>8}{'GFLOPs':>9}{'FLOPs %':>9}{'ms':>9}{'time %':>8}{'score %':>9}{'max dlogit':>12}"
   print(head)
   for r in res["schedules"]:
@@ -267,37 +289,44 @@ def print_table(res: dict) -> None:
 
 
 def show_kept(m, image_path, text, scheds, out_png, seed) -> Path:
-  """A PNG grid: the image, then per schedule the image with the dropped patches dimmed."""
+  """A PNG: per grid of the image's visual tokens (the family's `visual_grids`: one for LLaVA
+  and Qwen2-VL, the base and the tile grid for LLaVA-NeXT) a row, with the image and, per
+  schedule, the image with the dropped tokens' cells washed out. Each grid is drawn over the
+  whole image stretched to it: exact where the grid covers the image (Qwen2-VL, LLaVA-NeXT's
+  tile grid), approximate where the processor crops (LLaVA-1.5's centre crop)."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+  from PIL import Image
   from jaxmm.generate_cli import prepare
-  ids, mask, px, _ = prepare(m.path, text, image_path, m.family)
-  img = np.transpose(px[0], (1, 2, 0))
-  img = (img - img.min()) / max(float(img.max() - img.min()), 1e-6)
-  cfg = m.config
-  side = cfg.vision.image_size // cfg.vision.patch_size
-  first = int(np.flatnonzero(ids[0] == cfg.image_token_id)[0])
-  fig, axes = plt.subplots(1, len(scheds) + 1, figsize=(3 * (len(scheds) + 1), 3.3), squeeze=False)
-  axes[0, 0].imshow(img)
-  axes[0, 0].set_title("image")
-  for ax, s in zip(axes[0, 1:], scheds):
-    out = api.forward(m, input_ids=ids, pixel_values=px, attention_mask=mask, schedule=s, seed=seed)
-    patch = np.asarray(out.kept[-1][0]) - first - (cfg.vision_feature_select_strategy == "full")
-    keep = np.zeros(side * side, bool)
-    keep[patch[(patch >= 0) & (patch < side * side)]] = True
-    cell = cfg.vision.patch_size
-    shade = np.kron(keep.reshape(side, side), np.ones((cell, cell)))[..., None]
-    ax.imshow(shade * img + (1 - shade) * (0.35 + 0.3 * img))   # dropped patches washed out
-    for r, c in zip(*np.divmod(np.flatnonzero(keep), side)):
-      ax.add_patch(plt.Rectangle((c * cell - 0.5, r * cell - 0.5), cell, cell, fill=False,
-                                 edgecolor="red", linewidth=0.6))
-    ax.set_title(f"{sched_text(s)}\n{keep.sum()} kept", fontsize=8)
-  for ax in axes[0]:
+  inputs, _ = prepare(m.path, text, image_path, m.family)
+  grids = registry.family_module(m.family).visual_grids(m.config, inputs)[0]
+  with Image.open(image_path) as im:
+    img = np.asarray(im.convert("RGB"))
+  n_vis = int(core.prepare(m.family, m.config, inputs).visual_B[0])
+  kept = [np.asarray(api.forward(m, seed=seed, **inputs, schedule=schedule_lib.for_example(
+      s, n_vis, m.config.text.num_layers)).kept[-1][0]) for s in scheds]   # as in a batch
+  fig, axes = plt.subplots(len(grids), len(scheds) + 1, squeeze=False,
+                           figsize=(3 * (len(scheds) + 1), 3.3 * len(grids)))
+  for row, grid in zip(axes, grids):
+    rows_, cols = grid.shape
+    row[0].imshow(img, extent=(0, cols, rows_, 0))
+    row[0].set_title(f"image, {rows_} x {cols} grid", fontsize=8)
+    for ax, s, k in zip(row[1:], scheds, kept):
+      keep = np.isin(grid, k[k >= 0])
+      wash = np.zeros((rows_, cols, 4))
+      wash[~keep] = (1.0, 1.0, 1.0, 0.65)              # dropped cells washed out
+      ax.imshow(img, extent=(0, cols, rows_, 0))
+      ax.imshow(wash, extent=(0, cols, rows_, 0), interpolation="nearest")
+      for r, c in zip(*np.nonzero(keep)):
+        ax.add_patch(plt.Rectangle((c, r), 1, 1, fill=False, edgecolor="red", linewidth=0.6))
+      ax.set_title(f"{sched_text(s, percent=True)}\n{int(keep.sum())} of {keep.size} kept",
+                   fontsize=8)
+  for ax in axes.reshape(-1):
     ax.axis("off")
   out_png = Path(out_png)
   out_png.parent.mkdir(parents=True, exist_ok=True)
-  fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.85, wspace=0.05)
+  fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.9, wspace=0.05)
   checkpoint.atomic_file(out_png, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
   plt.close(fig)
   return out_png
@@ -306,30 +335,30 @@ def show_kept(m, image_path, text, scheds, out_png, seed) -> Path:
 def run(args) -> int:
   if args.runs < 5:
     raise InputError(f"--runs must be >= 5, got {args.runs}")
+  if args.show_kept and not args.model:
+    raise InputError("--show-kept needs --model (a processor to read the image)")
   if args.model:
     m = api.load(Path(args.model))
-    if m.family != "llava":
-      raise InputError(f"prune-bench needs a LLaVA model, {args.model} is {m.family}")
+    require_images(m, "prune-bench")
     if not args.prompts:
       raise InputError("--prompts is required with --model")
     prompts = read_prompts(args.prompts)
-    ids, mask, px = model_inputs(m, prompts)
+    inputs = model_inputs(m, prompts)
   else:
-    m, ids, mask, px = random_model(args.random_config, args.batch, args.text_tokens, args.seed)
+    m, inputs = random_model(args.random_config, args.batch, args.text_tokens, args.seed)
   tc = m.config.text
-  scheds = schedules_from_args(args, m.config.num_image_tokens, tc.num_layers)
-  res = {"model": args.model or f"random:{args.random_config}", **measure(m, ids, mask, px, scheds, args)}
-  res["eigen_step"] = [eigen_step_times(tc.num_heads, tc.head_dim, m.config.num_image_tokens, args.runs)]
+  scheds = schedules_from_args(args, m, core.prepare(m.family, m.config, inputs))
+  res = {"model": args.model or f"random:{args.random_config}", **measure(m, inputs, scheds, args)}
+  res["eigen_step"] = [eigen_step_times(tc.num_heads, tc.head_dim, max(res["visual_tokens"]),
+                                        args.runs)]
   if args.eigen_7b:
     res["eigen_step"].append(eigen_step_times(32, 128, 576, args.runs))
   res.update(jax_backend=jax.default_backend(), device=str(jax.devices()[0]),
              machine=platform.machine())
   print_table(res)
   if args.show_kept:
-    text = prompts[0]["text"] if args.model else "Describe the image."
-    if not args.model:
-      raise InputError("--show-kept needs --model (a processor to read the image)")
-    print(f"kept patches: {show_kept(m, args.show_kept, text, scheds, args.show_out, args.seed)}")
+    png = show_kept(m, args.show_kept, prompts[0]["text"], scheds, args.show_out, args.seed)
+    print(f"kept patches: {png}")
   out = checkpoint.write_json(args.out, res)
   print(f"wrote {out}")
   return 0

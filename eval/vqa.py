@@ -1,14 +1,17 @@
-"""Answer a LLaVA-format question file with a jaxmm LLaVA model, and score it.
+"""Answer a LLaVA-format question file with a jaxmm vision-language model, and score it.
 
   jaxmm eval vqa --model M --questions Q.jsonl --image-folder DIR --answers-file OUT.jsonl
                  [--schedule S] [--answer-key KEY.jsonl] [--batch-size N] [--out SCORES.json]
 
-Questions are LLaVA's `model_vqa_loader` input (`question_id`, `image`, `text`, optional
-`category`); answers are written in LLaVA's answers-file format (`question_id`, `prompt`, `text`,
-`answer_id`, `model_id`). Prompts go through the model's own chat template and processor, are
-left padded to one length for the whole file and batched to a fixed size, so the jitted prefill
-and decode loop compile once. With an answer key (`question_id`, `answer`), exact match (after
-`jaxmm.data.vqa.normalize`) is scored per category; a question whose image is missing or
+M is any vision-language family (LLaVA, LLaVA-NeXT, Qwen2-VL / Qwen2.5-VL). Questions are
+LLaVA's `model_vqa_loader` input (`question_id`, `image`, `text`, optional `category`); answers
+are written in LLaVA's answers-file format (`question_id`, `prompt`, `text`, `answer_id`,
+`model_id`). Prompts go through the model's own chat template and processor
+(`jaxmm.data.prompts`), whose outputs go whole to `jaxmm.generate`; batches have a fixed size
+and are left padded to their longest prompt rounded up to a multiple of 8, so the jitted
+prefill and decode loop compile once per padded length (and, for the families whose image
+shapes vary, per image-shape bucket). With an answer key (`question_id`, `answer`), exact match
+(after `jaxmm.data.vqa.normalize`) is scored per category; a question whose image is missing or
 unreadable is reported by id, gets no answer line, and counts as wrong.
 """
 import argparse
@@ -20,14 +23,15 @@ from pathlib import Path
 from tqdm import tqdm
 
 import jaxmm.cli
-from jaxmm import api, checkpoint
-from jaxmm.data import processors, vqa
+from jaxmm import api, checkpoint, registry
+from jaxmm.data import prompts, vqa
 from jaxmm.errors import InputError
 from jaxmm.pruning import schedule as schedule_lib
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-  p.add_argument("--model", required=True, help="jaxmm LLaVA folder (converted or trained)")
+  p.add_argument("--model", required=True, help="jaxmm vision-language model folder "
+                 "(converted or trained)")
   p.add_argument("--questions", required=True, help="LLaVA-format question JSONL")
   p.add_argument("--image-folder", required=True, help="folder the `image` fields are relative to")
   p.add_argument("--answers-file", required=True, help="where the LLaVA answers JSONL goes")
@@ -60,29 +64,11 @@ def load_image(path: Path):
     return None, f"cannot read image {path}: {type(e).__name__}: {e}"
 
 
-class Prompter:
-  """Chat-templated, left-padded model inputs for (image, question) pairs."""
-
-  def __init__(self, model: api.Model):
-    self.proc = processors.load_processor(model.path)
-    self.proc.tokenizer.padding_side = "left"
-    self.tok = self.proc.tokenizer
-    self.n_image = model.config.num_image_tokens
-
-  def text(self, question: str) -> str:
-    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-    return self.proc.apply_chat_template(msgs, add_generation_prompt=True)
-
-  def max_length(self, texts) -> int:
-    """Longest tokenized prompt, with each image placeholder expanded as the processor does."""
-    img = self.proc.image_token
-    expanded = [t.replace(img, img * self.n_image) for t in texts]
-    return max(len(ids) for ids in self.tok(expanded)["input_ids"])
-
-  def batch(self, images, texts, length: int):
-    enc = self.proc(images=images, text=texts, padding="max_length", max_length=length,
-                    return_tensors="np")
-    return enc["input_ids"], enc["attention_mask"], enc["pixel_values"]
+def require_images(m, command: str) -> None:
+  """A one-line error unless the model's family takes images."""
+  if not registry.takes_images(m.family):
+    raise InputError(f"{command} needs a vision-language model (one that takes images); "
+                     f"{m.path} is a {m.family!r} model")
 
 
 def _pad_rows(xs, n: int):
@@ -94,9 +80,8 @@ def answer_all(model, rows, image_folder, schedule=None, batch_size=16, max_new_
                progress=True, seed=0):
   """Generates answers. Returns (answer lines, errors [{question_id, error}], timing dict).
   `seed` drives random pruning (`jaxmm.generation.generate`; example ids are the batch rows)."""
-  pr = Prompter(model)
+  pr = prompts.Prompter(model.path)
   texts = {r["question_id"]: pr.text(r["text"]) for r in rows}
-  length = pr.max_length(list(texts.values())) if rows else 0
   kw = {} if schedule is None else {"schedule": schedule}
   lines, errors, times = [], [], []
   bar = tqdm(total=len(rows), desc="eval vqa", unit="q", disable=not progress)
@@ -113,11 +98,10 @@ def answer_all(model, rows, image_folder, schedule=None, batch_size=16, max_new_
     bar.update(len(rows[i:i + batch_size]))
     if not chunk:
       continue
-    ids, mask, px = pr.batch(_pad_rows(images, batch_size),
-                             _pad_rows([texts[r["question_id"]] for r in chunk], batch_size), length)
+    inputs = pr.inputs(_pad_rows(images, batch_size),
+                       _pad_rows([texts[r["question_id"]] for r in chunk], batch_size))
     t0 = time.perf_counter()
-    new = api.generate(model, input_ids=ids, attention_mask=mask, pixel_values=px,
-                       max_new_tokens=max_new_tokens, seed=seed, **kw)
+    new = api.generate(model, max_new_tokens=max_new_tokens, seed=seed, **inputs, **kw)
     times.append(time.perf_counter() - t0)
     for r, out in zip(chunk, pr.tok.batch_decode(new[:len(chunk)], skip_special_tokens=True)):
       lines.append({"question_id": r["question_id"], "prompt": r["text"], "text": out.strip(),
@@ -152,8 +136,7 @@ def evaluate(model, questions, image_folder, answer_key=None, schedule=None, bat
   `schedule` a text form or parsed schedule; `seed` drives random pruning. Returns accuracy
   (when keyed), errors and timing."""
   m = model if isinstance(model, api.Model) else api.load(model)
-  if m.family != "llava":
-    raise InputError(f"eval vqa needs a LLaVA model, {m.path} is {m.family!r}")
+  require_images(m, "eval vqa")
   if batch_size < 1:
     raise InputError(f"--batch-size must be >= 1, got {batch_size}")
   rows = vqa.read_questions(questions)

@@ -53,7 +53,8 @@ COMMANDS = {
         "Train a small LLaVA from scratch on digits-VQA: `jaxmm train vlm --out OUT`."),
     ("eval", "vqa"): Command(
         "jaxmm.eval.vqa",
-        "Answer a LLaVA-format question file with a jaxmm LLaVA model, and score it."),
+        "Answer a LLaVA-format question file with a jaxmm vision-language model, and score "
+        "it."),
     ("train", "cadit"): Command(
         "jaxmm.train.cadit",
         "Train CADIT (or the source-only / DANN baselines) on a digits domain-adaptation task."),

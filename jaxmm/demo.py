@@ -42,7 +42,7 @@ import jaxmm.cli
 from jaxmm.eval import prune_bench
 from jaxmm.eval import vqa as eval_vqa
 from jaxmm import checkpoint, flops
-from jaxmm.data import digits_vqa, vqa
+from jaxmm.data import digits_vqa, prompts, vqa
 from jaxmm.pruning import schedule as schedule_lib
 from jaxmm.train import vlm
 
@@ -135,15 +135,15 @@ def model_folder(args) -> Path:
   return vlm.ensure_model(Path(args.cache), vlm.PRESETS[args.preset]())
 
 
-def timing_batch(m, split: dict, batch: int):
-  """(ids i32[B, T], mask i32[B, T], px f32[B, C, H, W]): the first `batch` test questions,
-  padded to the length every question is evaluated at (the split's longest prompt)."""
+def timing_batch(m, split: dict, batch: int) -> dict:
+  """The first `batch` test questions as one batch of model inputs (`jaxmm.data.prompts`), padded
+  as `jaxmm.eval.vqa` pads the first batch it evaluates (its longest prompt, rounded up to a
+  multiple of 8)."""
   rows = vqa.read_questions(split["questions"])
-  pr = eval_vqa.Prompter(m)
-  length = pr.max_length([pr.text(r["text"]) for r in rows])
+  pr = prompts.Prompter(m.path)
   chosen = rows[:batch]
   images = [eval_vqa.load_image(split["images"] / r["image"])[0] for r in chosen]
-  return pr.batch(images, [pr.text(r["text"]) for r in chosen], length)
+  return pr.inputs(images, [pr.text(r["text"]) for r in chosen])
 
 
 # ---- measurements -------------------------------------------------------------------------------
@@ -167,11 +167,9 @@ def latencies(m, split: dict, confs: list[dict], batch: int, runs: int) -> tuple
   Prefill = the decoder layers with the schedule's scoring and gathers, and the LM head at
   the last position (`jaxmm.eval.prune_bench.decoder_prefill`), on the first `batch` questions.
   """
-  ids, mask, px = timing_batch(m, split, batch)
-  state, key = prune_bench.prefill_inputs(m, ids, mask, px)
+  state, key, prepared = prune_bench.prefill_inputs(m, timing_batch(m, split, batch))
   times = prune_bench.prefill_times(m, state, key, [c["schedule"] for c in confs], runs)
-  n_text_B = np.asarray(mask).sum(1) - m.config.num_image_tokens
-  return [statistics.median(t) for t in times], n_text_B
+  return [statistics.median(t) for t in times], prepared.text_B
 
 
 def _pct(x):

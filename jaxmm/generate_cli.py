@@ -1,7 +1,9 @@
 """Generate an answer with a converted model: `jaxmm generate --model OUT --image PATH --prompt TEXT`.
 
-The prompt goes through the model's chat template (from the tokenizer/processor files that
-`jaxmm convert` copied into OUT); decoding is greedy with a KV cache.
+The prompt goes through the model's chat template and, for a vision-language model (LLaVA,
+LLaVA-NeXT, Qwen2-VL / Qwen2.5-VL), the image through the model's own processor (from the
+tokenizer/processor files that `jaxmm convert` copied into OUT); the processor's outputs go
+whole to `jaxmm.generate`. Decoding is greedy with a KV cache.
 """
 import argparse
 from pathlib import Path
@@ -9,15 +11,16 @@ from pathlib import Path
 import numpy as np
 
 import jaxmm.cli
-from jaxmm import api, flops
-from jaxmm.data import processors
+from jaxmm import api, flops, registry
+from jaxmm.data import processors, prompts
 from jaxmm.errors import InputError
+from jaxmm.models import core
 from jaxmm.pruning import schedule as schedule_lib
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--model", required=True, help="a folder written by `jaxmm convert`")
-  p.add_argument("--image", help="image file (required for LLaVA models)")
+  p.add_argument("--image", help="image file (required for vision-language models)")
   p.add_argument("--prompt", required=True, help="the user's question")
   p.add_argument("--max-new-tokens", type=int, default=32)
   p.add_argument("--schedule", help="prune visual tokens at prefill: METHOD@LAYER:KEEP[,...], "
@@ -36,42 +39,42 @@ def _load_image(path):
 
 
 def prepare(model_dir, prompt: str, image_path=None, family="llava"):
-  """Chat-templated inputs as numpy: (input_ids, attention_mask, pixel_values or None, tokenizer)."""
+  """(inputs, tokenizer): the prompt through the folder's chat template, as NumPy arrays with
+  transformers' names for `jaxmm.generate`. A vision-language family needs an image and reads
+  the folder's processor (`jaxmm.data.prompts`); a text-only family its tokenizer."""
   if not prompt.strip():
     raise InputError("the prompt is empty")
-  if family == "llava":
+  if registry.takes_images(family):
     if image_path is None:
-      raise InputError("a LLaVA model needs --image")
-    proc = processors.load_processor(model_dir)
-    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-    text = proc.apply_chat_template(msgs, add_generation_prompt=True)
-    enc = proc(images=_load_image(image_path), text=text, return_tensors="np")
-    return enc["input_ids"], enc["attention_mask"], enc["pixel_values"], proc.tokenizer
+      raise InputError(f"a {family} model needs --image")
+    pr = prompts.Prompter(model_dir)
+    return pr.inputs([_load_image(image_path)], [pr.text(prompt)], multiple=1), pr.tok
+  if image_path is not None:
+    raise InputError(f"a {family} model is text-only: it takes no --image")
   tok = processors.load_tokenizer(model_dir)
   ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
   ids = np.asarray(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)[None]
-  return ids, np.ones_like(ids), None, tok
+  return {"input_ids": ids, "attention_mask": np.ones_like(ids)}, tok
 
 
 def answer(m, prompt: str, image_path=None, max_new_tokens: int = 32) -> str:
   """The decoded greedy answer of a loaded model to one prompt (and image)."""
-  ids, mask, px, tok = prepare(m.path, prompt, image_path, m.family)
-  new = api.generate(m, input_ids=ids, attention_mask=mask, pixel_values=px,
-                     max_new_tokens=max_new_tokens)
+  inputs, tok = prepare(m.path, prompt, image_path, m.family)
+  new = api.generate(m, max_new_tokens=max_new_tokens, **inputs)
   return tok.decode(new[0], skip_special_tokens=True).strip()
 
 
 def pruned_answer(m, prompt: str, image_path, max_new_tokens: int, schedule: str,
                   positions=None, seed: int = 0) -> tuple[str, list[str]]:
   """(answer, report lines): the greedy answer under a pruning schedule, the visual tokens kept
-  at each stage and the prefill FLOPs reduction (convention B, this prompt's own lengths)."""
-  ids, mask, px, tok = prepare(m.path, prompt, image_path, m.family)
+  at each stage and the prefill FLOPs reduction (convention B, this prompt's own lengths: its
+  visual and text counts as the model's family counts them)."""
+  inputs, tok = prepare(m.path, prompt, image_path, m.family)
   sched = schedule_lib.parse(schedule, positions)
-  new, kept, resolved = api.generate(m, input_ids=ids, attention_mask=mask, pixel_values=px,
-                                     max_new_tokens=max_new_tokens, schedule=sched, seed=seed,
-                                     return_kept=True)
-  n_vis = resolved[0].visual_in
-  n_text = int(mask.sum()) - n_vis
+  new, kept, resolved = api.generate(m, max_new_tokens=max_new_tokens, schedule=sched, seed=seed,
+                                     return_kept=True, **inputs)
+  prepared = core.prepare(m.family, m.config, inputs)
+  n_vis, n_text = int(prepared.visual_B[0]), int(prepared.text_B[0])
   red = flops.reduction(resolved, n_text, n_vis, flops.Dims.from_config(m.config), "B")
   lines = [f"visual tokens: {n_vis} at the input"]
   lines += [f"  {st.method}@{st.layer}: kept {int((k[0] >= 0).sum())}" for st, k in

@@ -24,6 +24,11 @@ def family_module(family: str):
   return importlib.import_module(FAMILIES[family])
 
 
+def takes_images(family: str) -> bool:
+  """Whether a decoder family takes images (its inputs include pixel_values)."""
+  return "pixel_values" in getattr(family_module(family), "INPUTS", ())
+
+
 # The family of an in-memory config, for callers that hold a config without a folder.
 _CONFIG_FAMILY = {"LlavaConfig": "llava", "LlamaConfig": "llama",
                   "LlavaNextConfig": "llava_next", "Qwen2VLConfig": "qwen2_vl"}

@@ -127,15 +127,14 @@ def test_generate_prunes_with_a_schedule_and_reports_it(tiny_model, capsys):
   assert cli.main(args) == 0
   lines = capsys.readouterr().out.strip().splitlines()
   m = api.load(model)
-  ids, mask, px, tok = prepare(model, "what digit is this ?", image)
+  inputs, tok = prepare(model, "what digit is this ?", image)
   sched = "divprune@0:50%,random@1:10"
-  want = api.generate(m, input_ids=ids, attention_mask=mask, pixel_values=px, max_new_tokens=3,
-                      schedule=schedule_lib.parse(sched, "preserve"),
-                      seed=3)
+  want = api.generate(m, max_new_tokens=3, schedule=schedule_lib.parse(sched, "preserve"), seed=3,
+                      **inputs)
   assert lines[0] == tok.decode(want[0], skip_special_tokens=True).strip()
   assert lines[1:4] == ["visual tokens: 64 at the input", "  divprune@0: kept 32",
                         "  random@1: kept 10"]
-  n_text = int(mask.sum()) - 64
+  n_text = int(inputs["attention_mask"].sum()) - 64
   red = flops.reduction("divprune@0:32,random@1:10", n_text, 64, flops.Dims.from_config(m.config))
   assert lines[4] == f"prefill FLOPs of the decoder layers: -{100 * red:.1f}% (convention B)"
   assert cli.main(args[:9] + ["--positions", "compact"]) == 2   # --positions without a schedule

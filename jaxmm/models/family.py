@@ -15,6 +15,11 @@ A family is a module (found by name through `jaxmm.registry`) that provides:
                                  leaves and shapes equal `init_params`'
 
 Generic code (`models.core`, `models.segments`, `generation`, pruning) uses nothing else.
+Vision-language families also provide, for the analyses and `prune-bench --show-kept`:
+
+  visual_grids(cfg, inputs) -> list[list[i32[rows, cols]]]
+                                 per example, the 2-D grids of its visual tokens (each image's
+                                 own, in the order they appear), as sequence slots of input_ids
 """
 import dataclasses
 from typing import Protocol
@@ -50,3 +55,22 @@ class Family(Protocol):
   def init_params(self, cfg, key) -> dict: ...
 
   def rules(self, cfg) -> list: ...
+
+
+def image_runs(placeholder_BxT, counts) -> list[tuple[int, np.ndarray]]:
+  """(example, slots i64[n_i]) per image: the placeholder slots in batch order (row-major over
+  the flattened batch, as transformers' `masked_scatter` fills them) cut into consecutive runs
+  of `counts[i]` (inputs already checked by the family's `prepare`)."""
+  ph = np.asarray(placeholder_BxT, bool)
+  flat, t = np.flatnonzero(ph.reshape(-1)), ph.shape[1]
+  ends = np.cumsum(counts, dtype=np.int64)
+  return [(int(run[0] // t), run % t) for run in np.split(flat, ends[:-1]) if len(run)]
+
+
+def by_example(batch: int, grids) -> list[list[np.ndarray]]:
+  """Groups (example, grid of slots) pairs per example, each example's grids ordered by their
+  first slot."""
+  out = [[] for _ in range(batch)]
+  for b, g in sorted(grids, key=lambda bg: (bg[0], int(bg[1].reshape(-1)[0]))):
+    out[b].append(np.asarray(g, np.int32))
+  return out

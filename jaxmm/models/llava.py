@@ -12,6 +12,7 @@ from jaxmm.config import LlavaConfig
 from jaxmm.errors import InputError
 from jaxmm.layers.mlp import Mlp
 from jaxmm.models import clip, core, llama
+from jaxmm.models import family
 from jaxmm.models.family import Prepared
 from jaxmm.pruning.state import TokenState
 
@@ -96,6 +97,19 @@ def prepare(cfg: LlavaConfig, inputs: dict) -> Prepared:
   n_vis = visual.sum(axis=1)
   return Prepared({"input_ids": ids, "attention_mask": mask, "position_ids": pos,
                    "pixel_values": px}, visual_B=n_vis, text_B=np.asarray(mask).sum(1) - n_vis)
+
+
+def visual_grids(cfg: LlavaConfig, inputs: dict) -> list[list[np.ndarray]]:
+  """Per example, one i32[side, side] grid of sequence slots per image: its patch features in
+  raster order (the CLS feature of the "full" strategy belongs to no grid). `inputs` as
+  `prepare` takes them (checked)."""
+  ids = np.asarray(inputs["input_ids"])
+  side = cfg.vision.image_size // cfg.vision.patch_size
+  n = cfg.num_image_tokens
+  placeholder = ids == cfg.image_token_id
+  runs = family.image_runs(placeholder, [n] * (int(placeholder.sum()) // n))
+  return family.by_example(ids.shape[0], [(b, s[n - side * side:].reshape(side, side))
+                                          for b, s in runs])
 
 
 def decoder(cfg: LlavaConfig) -> llama.Decoder:

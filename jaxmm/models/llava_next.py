@@ -29,6 +29,7 @@ from jaxmm import inputs as inputs_lib
 from jaxmm.config import LlavaNextConfig
 from jaxmm.errors import InputError
 from jaxmm.models import core, llama, llava
+from jaxmm.models import family
 from jaxmm.models.family import Prepared
 from jaxmm.pruning.state import TokenState
 
@@ -187,6 +188,27 @@ def prepare(cfg: LlavaNextConfig, inputs: dict) -> Prepared:
   arrays = {"input_ids": ids, "attention_mask": mask, "position_ids": pos, "pixel_values": px,
             "feature_index": index, "visual": visual}
   return Prepared(arrays, visual_B=n_vis, text_B=valid.sum(axis=1) - n_vis)
+
+
+def image_grids(cfg: LlavaNextConfig, size_hw, slots) -> list[np.ndarray]:
+  """The 2-D grids of one image's feature slots (`slots`: its placeholders in order): the base's
+  side x side features, then the unpadded tile grid (`unpadded_grid`) without the newline
+  column."""
+  side = cfg.vision.image_size // cfg.vision.patch_size
+  _, n_rows, _, n_cols = unpadded_grid(cfg, size_hw)
+  tiles = np.asarray(slots[side * side:]).reshape(n_rows, n_cols + 1)[:, :n_cols]
+  return [np.asarray(slots[:side * side]).reshape(side, side), tiles]
+
+
+def visual_grids(cfg: LlavaNextConfig, inputs: dict) -> list[list[np.ndarray]]:
+  """Per example, two i32 grids of sequence slots per image, in order: the base (side x side)
+  and the unpadded tile grid (rows x cols of `unpadded_grid`); the newline slots belong to no
+  grid. `inputs` as `prepare` takes them (checked)."""
+  ids = np.asarray(inputs["input_ids"])
+  sizes = np.asarray(inputs["image_sizes"]) if inputs.get("image_sizes") is not None else ()
+  runs = family.image_runs(ids == cfg.image_token_id, [num_features(cfg, s) for s in sizes])
+  return family.by_example(ids.shape[0], [(b, g) for (b, slots), size in zip(runs, sizes)
+                                          for g in image_grids(cfg, size, slots)])
 
 
 # ---- the jitted side --------------------------------------------------------------------------

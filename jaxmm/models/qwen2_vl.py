@@ -20,6 +20,7 @@ from jaxmm.config import Qwen2VLConfig
 from jaxmm.errors import InputError
 from jaxmm.models import core, qwen2
 from jaxmm.models import qwen2_vl_vision as vision
+from jaxmm.models import family
 from jaxmm.models.family import Prepared
 from jaxmm.pruning.state import TokenState
 
@@ -197,6 +198,22 @@ def prepare(cfg: Qwen2VLConfig, inputs: dict) -> Prepared:
                   feature_index=jnp.asarray(feature_index(cfg, types, grids)))
   n_vis = (types > 0).sum(axis=1)
   return Prepared(arrays, visual_B=n_vis, text_B=mask_np.sum(axis=1) - n_vis)
+
+
+def visual_grids(cfg: Qwen2VLConfig, inputs: dict) -> list[list[np.ndarray]]:
+  """Per example, the i32[h / m, w / m] grids of sequence slots of its merged visual tokens
+  (m the spatial merge size), in the order they appear: one per image, one per temporal patch
+  of a video (grid (t, h, w): t grids). `inputs` as `prepare` takes them (checked)."""
+  ids = np.asarray(inputs["input_ids"])
+  m, out = cfg.vision.spatial_merge_size, []
+  for kind, (_, _, grid_name) in KINDS.items():
+    token = cfg.image_token_id if kind == 1 else cfg.video_token_id
+    grids = np.asarray(inputs[grid_name]) if inputs.get(grid_name) is not None else np.zeros((0, 3))
+    counts = [int(np.prod(g)) // cfg.vision.merge_unit for g in grids]
+    mask = np.asarray(inputs.get("attention_mask", np.ones_like(ids))).astype(bool)
+    for (b, slots), (t, h, w) in zip(family.image_runs((ids == token) & mask, counts), grids):
+      out += [(b, frame) for frame in slots.reshape(int(t), int(h) // m, int(w) // m)]
+  return family.by_example(ids.shape[0], out)
 
 
 # ---- the jitted part -----------------------------------------------------------------------

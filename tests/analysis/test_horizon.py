@@ -33,6 +33,11 @@ def test_windows_cover_the_grid_in_raster_order():
   w = horizon.windows(4)
   np.testing.assert_array_equal(w, [[0, 1, 4, 5], [2, 3, 6, 7], [8, 9, 12, 13], [10, 11, 14, 15]])
   assert horizon.windows(5).shape == (4, 4)
+  # A rows x cols grid of slots: (rows // 2) * (cols // 2) windows; odd edges belong to none.
+  g = 10 + np.arange(15).reshape(3, 5)
+  np.testing.assert_array_equal(horizon.grid_windows(g), [[10, 11, 15, 16], [12, 13, 17, 18]])
+  assert horizon.image_windows([g, np.arange(4).reshape(2, 2)]).shape == (3, 4)
+  assert horizon.grid_windows(np.arange(3).reshape(1, 3)).shape == (0, 4)
 
 
 @pytest.mark.parametrize("layer", [0, 1, 2])
@@ -42,10 +47,11 @@ def test_window_probs_match_masked_forward(tiny, layer):
   out, pos = _captured(cfg, params, ids, mask, px)
   cap = out.captured
   target = int(np.argmax(out.logits[0, -1]))
-  p = np.asarray(horizon.window_probs(llava.decoder(cfg), params["llm"], cap["hidden"][layer][0], pos[0],
-                                      mask[0].astype(bool), cap["visual"][0], target, layer, grid))
   vis = np.flatnonzero(np.asarray(cap["visual"][0]))
   wins = horizon.windows(grid)
+  idx, keep = horizon.window_sets(mask[0].astype(bool), cap["visual"][0], vis[wins])
+  p = np.asarray(horizon.window_probs(llava.decoder(cfg), params["llm"], cap["hidden"][layer][0],
+                                      pos[0], cap["visual"][0], idx, keep, target, layer))
   # reference: the full-length sequence with the other visual slots masked, one row per window
   m = np.repeat(mask.astype(bool), len(wins) + 1, axis=0)
   m[:, vis] = False
@@ -78,7 +84,8 @@ def test_unseen_window_has_zero_information(tiny):
   target = int(np.argmax(out.logits[0, -1]))
   layers = range(cfg.text.num_layers)
   info = horizon.information(llava.decoder(cfg), params["llm"], cap["hidden"][:, 0], pos[0],
-                             m[0].astype(bool), ids[0] == cfg.image_token_id, target, grid, layers)
+                             m[0].astype(bool), ids[0] == cfg.image_token_id, target,
+                             vis[horizon.windows(grid)], layers)
   assert info.shape == (len(layers), (grid // 2) ** 2)
   assert np.abs(info[:, 0]).max() <= 1e-7
   assert np.abs(info[:, 1:]).min() > 1e-6
