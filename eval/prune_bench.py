@@ -56,7 +56,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--budget", type=float, help="average visual-token budget (pruning.md §3.2); "
                  "needs prompts with one visual-token count")
   p.add_argument("--method", default="entropy", help="method for --budget")
-  p.add_argument("--layer", type=int, default=2, help="pruning layer K for --budget")
+  p.add_argument("--layer", type=int, help="pruning layer K for --budget (default: "
+                 "EntropyPrune's for the model, 1 on Qwen2.5-VL, else 2)")
   p.add_argument("--runs", type=int, default=7, help="timed runs per schedule (>= 5)")
   p.add_argument("--convention", default="B", choices=["A", "B", "gqa"], help="FLOPs convention")
   p.add_argument("--batch", type=int, default=1, help="synthetic batch size (--random-config)")
@@ -183,7 +184,9 @@ def schedules_from_args(args, m, prepared) -> list:
     if len(counts) != 1:
       raise InputError(f"--budget averages one visual-token count over the layers, but the "
                        f"prompts hold {counts}: give --schedules instead")
-    stage = schedule_lib.from_budget(args.method, args.layer, args.budget, counts[0],
+    layer = args.layer if args.layer is not None else schedule_lib.entropy_layer(
+        getattr(m.config, "model_type", m.family))
+    stage = schedule_lib.from_budget(args.method, layer, args.budget, counts[0],
                                      m.config.text.num_layers)
     out.append(core.resolve(m.family, m.config, prepared, stage))
   if not out:

@@ -21,6 +21,14 @@ METHODS = {"entropy": entropy, "random": random_method, "divprune": divprune, "f
 DEFAULT_POSITIONS = {"entropy": "preserve", "fastv": "preserve", "divprune": "compact",
                      "random": "compact"}
 POSITIONS = ("preserve", "compact")
+# EntropyPrune's pruning layer K per model type (pruning.md §3.2, the reference code's
+# settings): scores from layer K-1, so K=2 removes tokens before layer 2.
+ENTROPY_LAYER = {"llava": 2, "llava_next": 2, "qwen2_5_vl": 1}
+
+
+def entropy_layer(model_type: str) -> int:
+  """EntropyPrune's K for a model type (`ENTROPY_LAYER`); 2, the LLaVA setting, otherwise."""
+  return ENTROPY_LAYER.get(model_type, 2)
 
 
 @dataclasses.dataclass(frozen=True)

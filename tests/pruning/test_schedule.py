@@ -88,3 +88,10 @@ def test_needs_and_visual_per_layer():
   counts = schedule.visual_per_layer(s, 32)
   assert counts == [284] * 20 + [38] * 12
   assert schedule.average_visual(s, 32) == pytest.approx(191.75)   # pruning.md §4.2 table
+
+
+def test_entropy_layer_per_model_follows_the_reference():
+  """pruning.md §3.2: K = 2 for LLaVA-1.5 / LLaVA-1.6, K = 1 for Qwen2.5-VL."""
+  from jaxmm import config
+  assert schedule.entropy_layer(config.qwen25_vl_7b().model_type) == 1
+  assert schedule.entropy_layer("llava") == schedule.entropy_layer("llava_next") == 2
