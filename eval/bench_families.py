@@ -15,13 +15,13 @@ import argparse
 import functools
 import platform
 import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxmm import checkpoint, config as config_lib, flops, registry
+from jaxmm.eval import prune_bench
 from jaxmm.models import core, segments
 from jaxmm.pruning import schedule as schedule_lib
 
@@ -80,13 +80,6 @@ def whole_prefill(name, cfg, params, arrays, keys, sched):
   return dec.logits(dp, pre.segments[-1].state.hidden[:, -1:])[:, 0]
 
 
-@functools.partial(jax.jit, static_argnames=("dec", "sched"))
-def decoder_prefill(dec, dp, state, keys, sched):
-  """Last-position logits of the decoder prefill from the merged embeddings."""
-  pre = segments.prefill(dec, dp, state, sched, keys)
-  return dec.logits(dp, pre.segments[-1].state.hidden[:, -1:])[:, 0]
-
-
 def schedules(family: str, n_vis: int, num_layers: int) -> list:
   """Each method at two keeps: 320 and 160 of LLaVA-NeXT's block (pruning.md §3.2 uses K=2),
   50% and 25% of Qwen2.5-VL's (EntropyPrune at K=1, its setting for Qwen2.5-VL; positions
@@ -102,32 +95,13 @@ def schedules(family: str, n_vis: int, num_layers: int) -> list:
   return out
 
 
-def interleaved(fns, runs: int) -> list[list[float]]:
-  """`runs` wall times of each function, compiled first, then run in turn."""
-  for f in fns:
-    jax.block_until_ready(f())
-  times = [[] for _ in fns]
-  for _ in range(runs):
-    for i, f in enumerate(fns):
-      t0 = time.perf_counter()
-      jax.block_until_ready(f())
-      times[i].append(time.perf_counter() - t0)
-  return times
-
-
 def matmul_gflops(n: int = 2048, runs: int = 5) -> float:
   """This machine's f32 matmul rate (GFLOP/s), measured here."""
   a = jnp.ones((n, n), jnp.float32)
   f = jax.jit(lambda x: x @ x)
   jax.block_until_ready(f(a))
-  t = statistics.median(timed(lambda: jax.block_until_ready(f(a))) for _ in range(runs))
+  t = statistics.median(prune_bench.interleaved([lambda: f(a)], runs)[0])
   return 2 * n ** 3 / t / 1e9
-
-
-def timed(fn) -> float:
-  t0 = time.perf_counter()
-  fn()
-  return time.perf_counter() - t0
 
 
 def run_family(family: str, runs: int, seed: int = 0) -> dict:
@@ -143,8 +117,10 @@ def run_family(family: str, runs: int, seed: int = 0) -> dict:
   scheds = [()] + schedules(family, n_vis, dec.num_layers)
   whole = [functools.partial(whole_prefill, name, cfg, params, prepared.arrays, keys, s)
            for s in scheds]
-  decoder = [functools.partial(decoder_prefill, dec, dp, state, keys, s) for s in scheds]
-  t_whole, t_dec = interleaved(whole, runs), interleaved(decoder, runs)
+  decoder = [functools.partial(prune_bench.decoder_prefill, dec, dp, state, keys, s)
+             for s in scheds]
+  t_whole = prune_bench.interleaved(whole, runs)
+  t_dec = prune_bench.interleaved(decoder, runs)
   dims = flops.Dims.from_config(cfg)
   rows = []
   for s, tw, td in zip(scheds, t_whole, t_dec):

@@ -226,10 +226,15 @@ def prefill_times(m, state, key, scheds, runs: int) -> list[list[float]]:
   drift (other load, clock changes) hits all of them alike. `()` is the unpruned prefill.
   """
   dec, dp = core.decoder_of(m.family, m.config, m.params)
-  fns = [functools.partial(decoder_prefill, dec, dp, state, key, s) for s in scheds]
-  times = [[] for _ in fns]
+  return interleaved([functools.partial(decoder_prefill, dec, dp, state, key, s) for s in scheds],
+                     runs)
+
+
+def interleaved(fns, runs: int) -> list[list[float]]:
+  """`runs` wall times (s) of each function: all are compiled first, then run in turn."""
   for f in fns:
     jax.block_until_ready(f())   # compile
+  times = [[] for _ in fns]
   for _ in range(runs):
     for i, f in enumerate(fns):
       t0 = time.perf_counter()

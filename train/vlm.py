@@ -168,12 +168,6 @@ def model_config(tc: TrainConfig, tok, text: LlamaConfig | None = None) -> Llava
                      vision_feature_layer=-1)
 
 
-def init_params(cfg: LlavaConfig, key, llm_params=None, pos_init: str = "random") -> dict:
-  """A freshly initialised LLaVA params tree (`llava.init_params`; the decoder is `llm_params`
-  when given)."""
-  return llava.init_params(cfg, key, pos_init, llm=llm_params)
-
-
 # ---- training ----------------------------------------------------------------------------------
 
 def optimizer(tc: TrainConfig, frozen_llm: bool) -> optax.GradientTransformation:
@@ -264,7 +258,7 @@ class Run:
                                                           self.tok.pad_token_id, tc.data.grid)
     # The first of a split (the aux head once drew the second): the measured runs' init.
     key = jax.random.split(jax.random.key(tc.seed))[0]
-    params = init_params(self.cfg, key, llm.params if llm else None, tc.pos_init)
+    params = llava.init_params(self.cfg, key, tc.pos_init, llm=llm.params if llm else None)
     train = {"params": params, "aux": vlm_task.init_aux_head(self.cfg, tc)}
     if tc.lora_rank:
       train["lora"] = init_lora(params["llm"]["layers"], tc.lora_rank, jax.random.key(tc.seed + 1))
