@@ -22,8 +22,9 @@ $(STAMP): pyproject.toml Makefile DEVELOPERS.md
 	touch $(STAMP)
 
 # Two workers (one per core); whole files stay on one worker so module fixtures are built once.
+# A crashed worker ends the run at once (a replaced worker can leave xdist waiting forever).
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -p no:cacheprovider -n 2 --dist loadfile tests
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n 2 --dist loadfile --max-worker-restart=0 tests
 
 demo: $(STAMP)
 	$(BIN)/python -m jaxmm.demo
