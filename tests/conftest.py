@@ -1,10 +1,17 @@
 """Shared test fixtures. Tests needing ../shared/data fail under CI=true, skip elsewhere."""
 import os
 
-import jax
-import pytest
+# Tests check values, not speed: at their sizes LLVM's optimisation of each compiled program
+# costs more time than it saves (about a third of the suite's CPU time). Set before the backend
+# starts; subprocesses started by tests inherit it.
+os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""),
+                                    "--xla_backend_optimization_level=0",
+                                    "--xla_llvm_disable_expensive_passes=true"]).strip()
 
-from jaxmm.data import data_root
+import jax  # noqa: E402  (after XLA_FLAGS)
+import pytest  # noqa: E402
+
+from jaxmm.data import data_root  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -37,6 +44,3 @@ def _release_executables():
   """
   yield
   jax.clear_caches()
-  if os.environ.get("JAXMM_TRACE_MAPS"):
-    with open("/proc/self/maps") as f, open(os.environ["JAXMM_TRACE_MAPS"], "a") as out:
-      out.write(f"{sum(1 for _ in f)}\n")
