@@ -12,15 +12,18 @@ IGNORE = (r"(^|\.)embeddings\.position_ids$",   # a buffer: arange(max_position_
           r"^cls\.")                              # pre-training / MLM heads
 
 
-def _linear(src: str, dst: str, d_in: int, d_out: int, layers=None) -> list[Rule]:
-  """A torch Linear [out, in] + bias -> Flax Dense kernel [in, out] + bias."""
-  return [Rule(f"{src}.weight", f"{dst}/kernel", (d_out, d_in), "T", layers),
-          Rule(f"{src}.bias", f"{dst}/bias", (d_out,), "id", layers)]
+def _linear(src: str, dst: str, d_in: int, d_out: int, layers=None, *, axes) -> list[Rule]:
+  """A torch Linear [out, in] + bias -> Flax Dense kernel [in, out] + bias (`axes`: in, out)."""
+  return [Rule(f"{src}.weight", f"{dst}/kernel", (d_out, d_in), "T", layers, axes),
+          Rule(f"{src}.bias", f"{dst}/bias", (d_out,), "id", layers, axes[1:])]
 
 
 def _layer_norm(src: str, dst: str, d: int, layers=None) -> list[Rule]:
-  return [Rule(f"{src}.weight", f"{dst}/scale", (d,), "id", layers),
-          Rule(f"{src}.bias", f"{dst}/bias", (d,), "id", layers)]
+  return [Rule(f"{src}.weight", f"{dst}/scale", (d,), "id", layers, ("embed",)),
+          Rule(f"{src}.bias", f"{dst}/bias", (d,), "id", layers, ("embed",))]
+
+
+Q, O, UP, DOWN = ("embed", "heads"), ("heads", "embed"), ("embed", "mlp"), ("mlp", "embed")
 
 
 def rules(cfg: Config, prefix: str = "") -> list[Rule]:
@@ -29,21 +32,21 @@ def rules(cfg: Config, prefix: str = "") -> list[Rule]:
   emb, lay, out = f"{prefix}embeddings.", f"{prefix}encoder.layer.{{i}}.", "layers/"
   return [
       Rule(f"{emb}word_embeddings.weight", "embeddings/word_embeddings/embedding",
-           (cfg.vocab_size, d)),
+           (cfg.vocab_size, d), axes=("vocab", "embed")),
       Rule(f"{emb}position_embeddings.weight", "embeddings/position_embeddings/embedding",
-           (cfg.max_position_embeddings, d)),
+           (cfg.max_position_embeddings, d), axes=(None, "embed")),
       Rule(f"{emb}token_type_embeddings.weight", "embeddings/token_type_embeddings/embedding",
-           (cfg.type_vocab_size, d)),
+           (cfg.type_vocab_size, d), axes=(None, "embed")),
       *_layer_norm(f"{emb}LayerNorm", "embeddings/norm", d),
-      *_linear(f"{lay}attention.self.query", f"{out}attention/query", d, d, n),
-      *_linear(f"{lay}attention.self.key", f"{out}attention/key", d, d, n),
-      *_linear(f"{lay}attention.self.value", f"{out}attention/value", d, d, n),
-      *_linear(f"{lay}attention.output.dense", f"{out}attention/out", d, d, n),
+      *_linear(f"{lay}attention.self.query", f"{out}attention/query", d, d, n, axes=Q),
+      *_linear(f"{lay}attention.self.key", f"{out}attention/key", d, d, n, axes=Q),
+      *_linear(f"{lay}attention.self.value", f"{out}attention/value", d, d, n, axes=Q),
+      *_linear(f"{lay}attention.output.dense", f"{out}attention/out", d, d, n, axes=O),
       *_layer_norm(f"{lay}attention.output.LayerNorm", f"{out}attention_norm", d, n),
-      *_linear(f"{lay}intermediate.dense", f"{out}mlp/up", d, f, n),
-      *_linear(f"{lay}output.dense", f"{out}mlp/down", f, d, n),
+      *_linear(f"{lay}intermediate.dense", f"{out}mlp/up", d, f, n, axes=UP),
+      *_linear(f"{lay}output.dense", f"{out}mlp/down", f, d, n, axes=DOWN),
       *_layer_norm(f"{lay}output.LayerNorm", f"{out}mlp_norm", d, n),
-      *_linear(f"{prefix}pooler.dense", "pooler", d, d),
+      *_linear(f"{prefix}pooler.dense", "pooler", d, d, axes=(None, "embed")),
   ]
 
 

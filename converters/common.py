@@ -45,12 +45,15 @@ class Rule:
 
   `shape` is the expected SOURCE shape (per layer for "{i}" rules), checked before `fn` applies.
   For "{i}" rules, `layers` layers are stacked along a new leading axis of the output.
+  `axes`: the logical axis name (`jaxmm.sharding.LOGICAL`) of each dimension of the params leaf
+  after `fn`, without the layer axis; None where a dimension is never split.
   """
   src: str
   dst: str
   shape: tuple[int, ...]
   fn: str = "id"
   layers: int | None = None
+  axes: tuple[str | None, ...] | None = None
 
   def __post_init__(self):
     if self.fn not in TRANSFORMS:
@@ -58,6 +61,16 @@ class Rule:
     if (LAYER in self.src) != (self.layers is not None):
       raise ValueError(f"rule {self.src}: '{LAYER}' in src and `layers` go together")
     object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
+    if self.axes is not None:
+      object.__setattr__(self, "axes", tuple(self.axes))
+      if len(self.axes) != len(self.shape):
+        raise ValueError(f"rule {self.src}: {len(self.axes)} axes for a {len(self.shape)}-d tensor")
+
+  def out_axes(self) -> tuple[str | None, ...] | None:
+    """The logical axes of the params leaf ("layers" first for a stacked rule)."""
+    if self.axes is None:
+      return None
+    return self.axes if self.layers is None else ("layers",) + self.axes
 
   def names(self) -> list[str]:
     """The concrete source names this rule reads, in layer order."""

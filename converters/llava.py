@@ -29,17 +29,24 @@ _CLIP_UNUSED = (r"post_layernorm\.(weight|bias)$",  # LLaVA reads hidden states 
                 r"embeddings\.position_ids$")        # a buffer: arange(num_positions)
 
 
-def _linear(src: str, dst: str, d_in: int, d_out: int, bias: bool, layers=None) -> list[Rule]:
-  """A torch Linear [out, in] (+ bias) -> Flax Dense kernel [in, out] (+ bias)."""
-  rules = [Rule(f"{src}.weight", f"{dst}/kernel", (d_out, d_in), "T", layers)]
+def _linear(src: str, dst: str, d_in: int, d_out: int, bias: bool, layers=None, *,
+            axes: tuple) -> list[Rule]:
+  """A torch Linear [out, in] (+ bias) -> Flax Dense kernel [in, out] (+ bias); `axes`: the
+  kernel's logical (in, out) axes."""
+  rules = [Rule(f"{src}.weight", f"{dst}/kernel", (d_out, d_in), "T", layers, axes)]
   if bias:
-    rules.append(Rule(f"{src}.bias", f"{dst}/bias", (d_out,), "id", layers))
+    rules.append(Rule(f"{src}.bias", f"{dst}/bias", (d_out,), "id", layers, axes[1:]))
   return rules
 
 
 def _layer_norm(src: str, dst: str, d: int, layers=None) -> list[Rule]:
-  return [Rule(f"{src}.weight", f"{dst}/scale", (d,), "id", layers),
-          Rule(f"{src}.bias", f"{dst}/bias", (d,), "id", layers)]
+  return [Rule(f"{src}.weight", f"{dst}/scale", (d,), "id", layers, ("embed",)),
+          Rule(f"{src}.bias", f"{dst}/bias", (d,), "id", layers, ("embed",))]
+
+
+# Logical (in, out) axes of the projections of a transformer block.
+Q, KV, O = ("embed", "heads"), ("embed", "kv"), ("heads", "embed")
+UP, DOWN = ("embed", "mlp"), ("mlp", "embed")
 
 
 def llama_rules(cfg: LlamaConfig, body: str, head: str, dst: str = "",
@@ -54,20 +61,24 @@ def llama_rules(cfg: LlamaConfig, body: str, head: str, dst: str = "",
   lay, out = f"{body}layers.{{i}}.", f"{dst}layers/"
   ab, mb = cfg.attention_bias, cfg.mlp_bias
   rules = [
-      Rule(embed or f"{body}embed_tokens.weight", f"{dst}embed", (cfg.vocab_size, d)),
-      Rule(f"{lay}input_layernorm.weight", f"{out}attn_norm/scale", (d,), layers=n),
-      *_linear(f"{lay}self_attn.q_proj", f"{out}attn/q", d, q_dim, ab, n),
-      *_linear(f"{lay}self_attn.k_proj", f"{out}attn/k", d, kv_dim, ab, n),
-      *_linear(f"{lay}self_attn.v_proj", f"{out}attn/v", d, kv_dim, ab, n),
-      *_linear(f"{lay}self_attn.o_proj", f"{out}attn/o", q_dim, d, cfg.o_bias, n),
-      Rule(f"{lay}post_attention_layernorm.weight", f"{out}mlp_norm/scale", (d,), layers=n),
-      *_linear(f"{lay}mlp.gate_proj", f"{out}mlp/gate", d, f, mb, n),
-      *_linear(f"{lay}mlp.up_proj", f"{out}mlp/up", d, f, mb, n),
-      *_linear(f"{lay}mlp.down_proj", f"{out}mlp/down", f, d, mb, n),
-      Rule(f"{body}norm.weight", f"{dst}norm/scale", (d,)),
+      Rule(embed or f"{body}embed_tokens.weight", f"{dst}embed", (cfg.vocab_size, d),
+           axes=("vocab", "embed")),
+      Rule(f"{lay}input_layernorm.weight", f"{out}attn_norm/scale", (d,), layers=n,
+           axes=("embed",)),
+      *_linear(f"{lay}self_attn.q_proj", f"{out}attn/q", d, q_dim, ab, n, axes=Q),
+      *_linear(f"{lay}self_attn.k_proj", f"{out}attn/k", d, kv_dim, ab, n, axes=KV),
+      *_linear(f"{lay}self_attn.v_proj", f"{out}attn/v", d, kv_dim, ab, n, axes=KV),
+      *_linear(f"{lay}self_attn.o_proj", f"{out}attn/o", q_dim, d, cfg.o_bias, n, axes=O),
+      Rule(f"{lay}post_attention_layernorm.weight", f"{out}mlp_norm/scale", (d,), layers=n,
+           axes=("embed",)),
+      *_linear(f"{lay}mlp.gate_proj", f"{out}mlp/gate", d, f, mb, n, axes=UP),
+      *_linear(f"{lay}mlp.up_proj", f"{out}mlp/up", d, f, mb, n, axes=UP),
+      *_linear(f"{lay}mlp.down_proj", f"{out}mlp/down", f, d, mb, n, axes=DOWN),
+      Rule(f"{body}norm.weight", f"{dst}norm/scale", (d,), axes=("embed",)),
   ]
   if not cfg.tie_word_embeddings:
-    rules.append(Rule(head, f"{dst}lm_head/kernel", (cfg.vocab_size, d), "T"))
+    rules.append(Rule(head, f"{dst}lm_head/kernel", (cfg.vocab_size, d), "T",
+                      axes=("embed", "vocab")))
   return rules
 
 
@@ -77,19 +88,19 @@ def clip_rules(cfg: ClipVisionConfig, prefix: str, dst: str = "vision/") -> list
   lay, out = f"{prefix}encoder.layers.{{i}}.", f"{dst}layers/"
   return [
       Rule(f"{prefix}embeddings.patch_embedding.weight", f"{dst}patch_embed/kernel",
-           (d, cfg.num_channels, p, p), "conv"),
-      Rule(f"{prefix}embeddings.class_embedding", f"{dst}class_embed", (d,)),
+           (d, cfg.num_channels, p, p), "conv", axes=(None, None, None, "embed")),
+      Rule(f"{prefix}embeddings.class_embedding", f"{dst}class_embed", (d,), axes=("embed",)),
       Rule(f"{prefix}embeddings.position_embedding.weight", f"{dst}pos_embed",
-           (cfg.num_patches + 1, d)),
+           (cfg.num_patches + 1, d), axes=(None, "embed")),
       *_layer_norm(f"{prefix}pre_layrnorm", f"{dst}pre_ln", d),
       *_layer_norm(f"{lay}layer_norm1", f"{out}ln1", d, n),
-      *_linear(f"{lay}self_attn.q_proj", f"{out}attn/q", d, d, True, n),
-      *_linear(f"{lay}self_attn.k_proj", f"{out}attn/k", d, d, True, n),
-      *_linear(f"{lay}self_attn.v_proj", f"{out}attn/v", d, d, True, n),
-      *_linear(f"{lay}self_attn.out_proj", f"{out}attn/o", d, d, True, n),
+      *_linear(f"{lay}self_attn.q_proj", f"{out}attn/q", d, d, True, n, axes=Q),
+      *_linear(f"{lay}self_attn.k_proj", f"{out}attn/k", d, d, True, n, axes=Q),
+      *_linear(f"{lay}self_attn.v_proj", f"{out}attn/v", d, d, True, n, axes=Q),
+      *_linear(f"{lay}self_attn.out_proj", f"{out}attn/o", d, d, True, n, axes=O),
       *_layer_norm(f"{lay}layer_norm2", f"{out}ln2", d, n),
-      *_linear(f"{lay}mlp.fc1", f"{out}mlp/fc1", d, f, True, n),
-      *_linear(f"{lay}mlp.fc2", f"{out}mlp/fc2", f, d, True, n),
+      *_linear(f"{lay}mlp.fc1", f"{out}mlp/fc1", d, f, True, n, axes=UP),
+      *_linear(f"{lay}mlp.fc2", f"{out}mlp/fc2", f, d, True, n, axes=DOWN),
   ]
 
 
@@ -99,8 +110,8 @@ def llava_rules(cfg: LlavaConfig, layout: str = "hf", embed: str | None = None) 
   d_in, d = cfg.vision.hidden_size * len(cfg.feature_layers), cfg.text.hidden_size
   bias = cfg.multimodal_projector_bias
   return [*clip_rules(cfg.vision, vision),
-          *_linear(f"{proj}linear_1", "projector/fc1", d_in, d, bias),
-          *_linear(f"{proj}linear_2", "projector/fc2", d, d, bias),
+          *_linear(f"{proj}linear_1", "projector/fc1", d_in, d, bias, axes=UP),
+          *_linear(f"{proj}linear_2", "projector/fc2", d, d, bias, axes=DOWN),
           *llama_rules(cfg.text, body, head, dst="llm/", embed=embed)]
 
 

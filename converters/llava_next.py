@@ -20,7 +20,7 @@ NEWLINE = {"hf": "image_newline", "hub": "image_newline", "module": "model.image
 def rules(cfg: LlavaNextConfig, layout: str = "hf", embed: str | None = None) -> list[Rule]:
   """The whole LLaVA-NeXT table for one of `llava.LAYOUTS` (`embed`: see `llava.llama_rules`)."""
   return [*llava_conv.llava_rules(cfg, layout, embed),
-          Rule(NEWLINE[layout], "image_newline", (cfg.text.hidden_size,))]
+          Rule(NEWLINE[layout], "image_newline", (cfg.text.hidden_size,), axes=("embed",))]
 
 
 def plan(hf_config: dict, names) -> Plan:

@@ -7,7 +7,7 @@ model.visual...), e.g. `model.state_dict()` or a `torch.save` of it.
 """
 
 from jaxmm.converters.common import Plan, Rule
-from jaxmm.converters.llava import _linear, _tied_head, llama_rules
+from jaxmm.converters.llava import DOWN, O, Q, UP, _linear, _tied_head, llama_rules
 from jaxmm.config import Qwen2Config, Qwen2VLConfig, Qwen2VLVisionConfig
 from jaxmm.errors import ConversionError
 
@@ -19,8 +19,9 @@ _IGNORE = (r"rotary_emb\.inv_freq$", r"rotary_pos_emb\.inv_freq$")
 
 
 def _norm(src: str, dst: str, d: int, bias: bool, layers=None) -> list[Rule]:
-  rules = [Rule(f"{src}.weight", f"{dst}/scale", (d,), "id", layers)]
-  return rules + ([Rule(f"{src}.bias", f"{dst}/bias", (d,), "id", layers)] if bias else [])
+  rules = [Rule(f"{src}.weight", f"{dst}/scale", (d,), "id", layers, ("embed",))]
+  return rules + ([Rule(f"{src}.bias", f"{dst}/bias", (d,), "id", layers, ("embed",))]
+                  if bias else [])
 
 
 def qwen2_rules(cfg: Qwen2Config, body: str, head: str, dst: str = "llm/",
@@ -32,11 +33,11 @@ def qwen2_rules(cfg: Qwen2Config, body: str, head: str, dst: str = "llm/",
 def _mlp_rules(cfg: Qwen2VLVisionConfig, lay: str, out: str) -> list[Rule]:
   e, f, n = cfg.hidden_size, cfg.intermediate_size, cfg.depth
   if cfg.variant == "qwen2_vl":
-    return [*_linear(f"{lay}mlp.fc1", f"{out}mlp/fc1", e, f, True, n),
-            *_linear(f"{lay}mlp.fc2", f"{out}mlp/fc2", f, e, True, n)]
-  return [*_linear(f"{lay}mlp.gate_proj", f"{out}mlp/gate", e, f, True, n),
-          *_linear(f"{lay}mlp.up_proj", f"{out}mlp/up", e, f, True, n),
-          *_linear(f"{lay}mlp.down_proj", f"{out}mlp/down", f, e, True, n)]
+    return [*_linear(f"{lay}mlp.fc1", f"{out}mlp/fc1", e, f, True, n, axes=UP),
+            *_linear(f"{lay}mlp.fc2", f"{out}mlp/fc2", f, e, True, n, axes=DOWN)]
+  return [*_linear(f"{lay}mlp.gate_proj", f"{out}mlp/gate", e, f, True, n, axes=UP),
+          *_linear(f"{lay}mlp.up_proj", f"{out}mlp/up", e, f, True, n, axes=UP),
+          *_linear(f"{lay}mlp.down_proj", f"{out}mlp/down", f, e, True, n, axes=DOWN)]
 
 
 def vision_rules(cfg: Qwen2VLVisionConfig, prefix: str, dst: str = "vision/") -> list[Rule]:
@@ -46,15 +47,17 @@ def vision_rules(cfg: Qwen2VLVisionConfig, prefix: str, dst: str = "vision/") ->
   lay, out = f"{prefix}blocks.{{i}}.", f"{dst}blocks/"
   return [
       Rule(f"{prefix}patch_embed.proj.weight", f"{dst}patch_embed/kernel",
-           (e, cfg.in_channels, cfg.temporal_patch_size, p, p), "conv3d"),
+           (e, cfg.in_channels, cfg.temporal_patch_size, p, p), "conv3d",
+           axes=(None, None, None, None, "embed")),
       *_norm(f"{lay}norm1", f"{out}norm1", e, ln, n),
-      *_linear(f"{lay}attn.qkv", f"{out}qkv", e, 3 * e, True, n),
-      *_linear(f"{lay}attn.proj", f"{out}proj", e, e, True, n),
+      *_linear(f"{lay}attn.qkv", f"{out}qkv", e, 3 * e, True, n, axes=Q),
+      *_linear(f"{lay}attn.proj", f"{out}proj", e, e, True, n, axes=O),
       *_norm(f"{lay}norm2", f"{out}norm2", e, ln, n),
       *_mlp_rules(cfg, lay, out),
       *_norm(f"{prefix}merger.ln_q", f"{dst}merger/ln_q", e, ln),
-      *_linear(f"{prefix}merger.mlp.0", f"{dst}merger/mlp/fc1", u, u, True),
-      *_linear(f"{prefix}merger.mlp.2", f"{dst}merger/mlp/fc2", u, cfg.out_hidden_size, True),
+      *_linear(f"{prefix}merger.mlp.0", f"{dst}merger/mlp/fc1", u, u, True, axes=UP),
+      *_linear(f"{prefix}merger.mlp.2", f"{dst}merger/mlp/fc2", u, cfg.out_hidden_size, True,
+               axes=DOWN),
   ]
 
 

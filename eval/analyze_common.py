@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from jaxmm import api
+from jaxmm import api, sharding
 from jaxmm.analysis.capture import Capture
 from jaxmm.data import prompts, vqa
 from jaxmm.errors import InputError
@@ -27,12 +27,13 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--image-folder", required=True, help="folder the `image` fields are relative to")
   p.add_argument("--out", required=True, help="folder for the JSON and PNG results")
   p.add_argument("--limit", type=int, help="use only the first N questions")
+  sharding.add_args(p)
 
 
 def load(args):
   """(model, question rows, Prompter). Rejects models that take no images."""
   from jaxmm.eval.vqa import require_images
-  m = api.load(args.model)
+  m = api.load(args.model, mesh=sharding.mesh_from_args(args), sharding=args.sharding)
   require_images(m, "the analyses")
   rows = vqa.read_questions(args.questions)[:args.limit]
   if not rows:

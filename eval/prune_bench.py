@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxmm.cli
-from jaxmm import api, checkpoint, flops, registry
+from jaxmm import api, checkpoint, flops, registry, sharding
 from jaxmm import inputs as inputs_lib
 from jaxmm.data import prompts as prompts_lib
 from jaxmm.errors import InputError
@@ -56,6 +56,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--budget", type=float, help="average visual-token budget (pruning.md §3.2); "
                  "needs prompts with one visual-token count")
   p.add_argument("--method", default="entropy", help="method for --budget")
+  sharding.add_args(p)
   p.add_argument("--layer", type=int, help="pruning layer K for --budget (default: "
                  "EntropyPrune's for the model, 1 on Qwen2.5-VL, else 2)")
   p.add_argument("--runs", type=int, default=7, help="timed runs per schedule (>= 5)")
@@ -346,7 +347,7 @@ def run(args) -> int:
   if args.show_kept and not args.model:
     raise InputError("--show-kept needs --model (a processor to read the image)")
   if args.model:
-    m = api.load(Path(args.model))
+    m = api.load(Path(args.model), mesh=sharding.mesh_from_args(args), sharding=args.sharding)
     require_images(m, "prune-bench")
     if not args.prompts:
       raise InputError("--prompts is required with --model")
@@ -356,7 +357,9 @@ def run(args) -> int:
     m, inputs = random_model(args.random_config, args.batch, args.text_tokens, args.seed)
   tc = m.config.text
   scheds = schedules_from_args(args, m, core.prepare(m.family, m.config, inputs))
-  res = {"model": args.model or f"random:{args.random_config}", **measure(m, inputs, scheds, args)}
+  with sharding.activate(m.mesh):   # the batch split along `data` on a --mesh
+    res = {"model": args.model or f"random:{args.random_config}",
+           **measure(m, inputs, scheds, args)}
   res["eigen_step"] = [eigen_step_times(tc.num_heads, tc.head_dim, max(res["visual_tokens"]),
                                         args.runs)]
   if args.eigen_7b:

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxmm import checkpoint, registry
+from jaxmm import sharding as sharding_lib
 from jaxmm.errors import JaxmmError
 
 
@@ -17,12 +18,19 @@ class Model:
   config: Any
   params: Any
   path: Path | None = None
+  mesh: Any = None            # a jax.sharding.Mesh the params live on (None: one device)
+  sharding: str | None = None  # its preset (`jaxmm.sharding.PRESETS`)
 
 
-def load(path, dtype=None, family: str | None = None) -> Model:
+def load(path, dtype=None, family: str | None = None, mesh=None, sharding: str = "fsdp") -> Model:
   """Opens a model folder of any family in `registry.FAMILIES`, written by `jaxmm convert` or by
   training. `dtype` casts float params. `family`: the family the caller expects; a folder of
   another family is a one-line JaxmmError, raised before any params are read.
+
+  `mesh` (axes "data" and "model", e.g. `jax.make_mesh((2, 4), ("data", "model"))`): each
+  params leaf is restored straight into its sharding under the `sharding` preset (dp, fsdp, tp;
+  see `jaxmm.sharding`), never whole on one device; `forward` and `generate` then split the
+  batch along `data`.
 
   `config` is the family module's `Config.from_dict` of the folder's stored config.
   """
@@ -31,10 +39,24 @@ def load(path, dtype=None, family: str | None = None) -> Model:
     raise JaxmmError(f"{path} holds a {meta['family']!r} model, not a {family!r} one")
   mod = registry.family_module(meta["family"])
   cfg = mod.Config.from_dict(meta["config"])
-  params = checkpoint.load_params(path, dtype=dtype)
+  shardings = None
+  if mesh is not None:
+    mesh = sharding_lib.auto(mesh)
+    shardings = sharding_lib.param_shardings(mod.rules(cfg), mesh, sharding)
+  params = checkpoint.load_params(path, dtype=dtype, shardings=shardings)
   # Compute in the dtype the params are stored in (e.g. a `--dtype bfloat16` conversion).
   leaf = next(x for x in jax.tree.leaves(params) if jnp.issubdtype(x.dtype, jnp.floating))
-  return Model(meta["family"], with_dtype(cfg, jnp.dtype(leaf.dtype).name), params, Path(path))
+  return Model(meta["family"], with_dtype(cfg, jnp.dtype(leaf.dtype).name), params, Path(path),
+               mesh, sharding if mesh is not None else None)
+
+
+def shard(m: Model, mesh, sharding: str = "fsdp") -> Model:
+  """`m` with its params placed on `mesh` under the `sharding` preset (for an in-memory model;
+  `load(..., mesh=)` restores a folder straight into place)."""
+  mesh = sharding_lib.auto(mesh)
+  rules = registry.family_module(m.family).rules(m.config)
+  params = sharding_lib.place(m.params, sharding_lib.param_shardings(rules, mesh, sharding))
+  return dataclasses.replace(m, params=params, mesh=mesh, sharding=sharding)
 
 
 def with_dtype(cfg, dtype: str):
@@ -45,11 +67,14 @@ def with_dtype(cfg, dtype: str):
 
 
 def forward(m: Model, **inputs):
-  """Runs the family's jitted forward; returns its output dataclass (e.g. `.logits`)."""
-  return registry.family_module(m.family).forward(m.config, m.params, **inputs)
+  """Runs the family's jitted forward; returns its output dataclass (e.g. `.logits`). On a
+  model with a mesh, the batch is split along `data`."""
+  with sharding_lib.activate(m.mesh):
+    return registry.family_module(m.family).forward(m.config, m.params, **inputs)
 
 
 def generate(m: Model, **inputs):
   """Greedy generation with a KV cache; see `jaxmm.generation.generate`."""
   from jaxmm import generation  # local import: generation imports the model modules
-  return generation.generate(m.config, m.params, **inputs)
+  with sharding_lib.activate(m.mesh):
+    return generation.generate(m.config, m.params, **inputs)

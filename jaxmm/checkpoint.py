@@ -111,19 +111,38 @@ def read_meta(path) -> dict:
   return meta
 
 
-def load_params(path, dtype=None):
-  """Restores the params pytree of a model folder as numpy-backed jax arrays."""
+def load_params(path, dtype=None, shardings=None):
+  """Restores the params pytree of a model folder as jax arrays. `shardings`: a tree of
+  `jax.sharding.Sharding`s like the params' (see `jaxmm.sharding`): each leaf is read straight
+  into its shards (in `dtype` when given)."""
   pdir = Path(path).absolute() / "params"
   if not pdir.is_dir():
     raise JaxmmError(f"{path} has no params/ folder")
   try:
-    params = ocp.StandardCheckpointer().restore(pdir)
+    ckptr = ocp.StandardCheckpointer()
+    target = None if shardings is None else _restore_target(ckptr.metadata(pdir), shardings, dtype)
+    params = ckptr.restore(pdir, target)
+  except JaxmmError:
+    raise
   except Exception as e:  # orbax raises many types for a damaged folder
     raise JaxmmError(f"cannot read params from {pdir}: {type(e).__name__}: {e}") from None
-  if dtype is not None:
+  if dtype is not None and shardings is None:
     params = jax.tree.map(lambda x: x.astype(dtype) if np.issubdtype(x.dtype, np.floating) else x,
                           params)
   return params
+
+
+def _restore_target(meta, shardings, dtype):
+  """ShapeDtypeStructs with shardings for orbax's restore (checks the trees agree)."""
+  meta = getattr(meta, "item_metadata", meta)
+  meta = getattr(meta, "tree", meta)
+  from jaxmm import sharding as sharding_lib
+  sharding_lib.check_tree(meta, shardings)
+
+  def struct(m, s):
+    dt = dtype if dtype is not None and np.issubdtype(m.dtype, np.floating) else m.dtype
+    return jax.ShapeDtypeStruct(m.shape, dt, sharding=s)
+  return jax.tree.map(struct, meta, shardings, is_leaf=lambda x: hasattr(x, "shape"))
 
 
 class TrainCheckpointer:

@@ -44,6 +44,10 @@ COMMANDS = {
     ("analyze", "crossover"): Command(
         "jaxmm.eval.analyze_crossover",
         "Where a pruning method stops beating random: accuracy against the pruning layer."),
+    ("plan",): Command(
+        "jaxmm.plan",
+        "Memory plan of a model on a device mesh: parameters and KV cache per device, from "
+        "shapes only."),
     ("export",): Command(
         "jaxmm.converters.export",
         "Export a jaxmm LLaVA as a transformers folder: "

@@ -504,6 +504,12 @@ def llava15_7b() -> LlavaConfig:
   return LlavaConfig(text=LlamaConfig(vocab_size=32064))
 
 
+def llava15_13b() -> LlavaConfig:
+  """LLaVA-1.5-13B: CLIP ViT-L/14-336, Vicuna-13B (40 layers, width 5120, FFN 13824)."""
+  return LlavaConfig(text=LlamaConfig(vocab_size=32064, hidden_size=5120, intermediate_size=13824,
+                                      num_layers=40, num_heads=40, num_kv_heads=40))
+
+
 def llava16_7b() -> LlavaNextConfig:
   """LLaVA-1.6-7B (llava-hf/llava-v1.6-vicuna-7b-hf): CLIP ViT-L/14-336, Vicuna-7B, the five
   anyres pinpoints up to 672x672 / 1008x336."""

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 import jaxmm.cli
-from jaxmm import api, flops, registry
+from jaxmm import api, flops, registry, sharding
 from jaxmm.data import processors, prompts
 from jaxmm.errors import InputError
 from jaxmm.models import core
@@ -28,6 +28,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--positions", choices=schedule_lib.POSITIONS,
                  help="position ids after pruning (default: each method's reference convention)")
   p.add_argument("--seed", type=int, default=0, help="seed of random pruning")
+  sharding.add_args(p)
 
 
 def _load_image(path):
@@ -84,7 +85,12 @@ def pruned_answer(m, prompt: str, image_path, max_new_tokens: int, schedule: str
 
 
 def run(args) -> int:
-  m = api.load(Path(args.model))
+  m = api.load(Path(args.model), mesh=sharding.mesh_from_args(args), sharding=args.sharding)
+  with sharding.activate(m.mesh):
+    return _answer(m, args)
+
+
+def _answer(m, args) -> int:
   if args.schedule is None:
     if args.positions is not None:
       raise InputError("--positions applies to a --schedule")

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxmm import inputs as inputs_lib
-from jaxmm import registry
+from jaxmm import registry, sharding
 from jaxmm.errors import InputError
 from jaxmm.models import core, segments as seg_lib
 from jaxmm.models.decoder import attention_mask
@@ -90,7 +90,8 @@ def generate(cfg, params, *, max_new_tokens: int = 32, schedule=None, seed: int 
   if not bool(np.all(np.asarray(arrays["attention_mask"])[:, -1])):
     raise InputError("generation needs left padding: the last position of every prompt must be valid")
   sched = core.resolve(name, cfg, prepared, schedule)
-  keys = inputs_lib.example_keys(seed, arrays["input_ids"].shape[0], example_ids)
+  b = arrays["input_ids"].shape[0]
+  arrays, keys = sharding.place_batch((arrays, inputs_lib.example_keys(seed, b, example_ids)), b)
   logits, segs, kept = _prefill(name, cfg, params, arrays, keys, sched, max_new_tokens)
   dec, dp = core.decoder_of(name, cfg, params)
   out, steps = _decode(dec, dp, logits, segs, max_new_tokens)

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxmm import sharding
 from jaxmm.config import ClipVisionConfig
 from jaxmm.errors import ConfigError
 from jaxmm.layers.attention import BidirectionalAttention
@@ -20,6 +21,7 @@ class EncoderLayer(nn.Module):
   def __call__(self, x_BxNxD):
     cfg = self.cfg
     ln = lambda name: nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=self.dtype, name=name)
+    x_BxNxD = sharding.constrain(x_BxNxD, "batch")   # on a mesh: images split, weights gathered
     x = x_BxNxD + BidirectionalAttention(cfg.num_heads, self.dtype, name="attn")(ln("ln1")(x_BxNxD))
     mlp = Mlp(cfg.intermediate_size, cfg.hidden_size, cfg.hidden_act, dtype=self.dtype, name="mlp")
     return x + mlp(ln("ln2")(x))

@@ -12,7 +12,7 @@ import functools
 import jax
 
 from jaxmm import inputs as inputs_lib
-from jaxmm import registry
+from jaxmm import registry, sharding
 from jaxmm.errors import InputError
 from jaxmm.models import segments
 from jaxmm.models.family import Prepared
@@ -86,8 +86,11 @@ def forward(name: str, cfg, params, *, schedule=None, seed: int = 0, example_ids
   sched = resolve(name, cfg, prepared, schedule)
   if capture is not None and sched:
     raise InputError("capture runs the unpruned forward; it cannot be combined with a schedule")
-  keys = inputs_lib.example_keys(seed, prepared.arrays["input_ids"].shape[0], example_ids)
+  b = prepared.arrays["input_ids"].shape[0]
+  # Under an active mesh (`sharding.activate`) the batch is split along `data`.
+  arrays, keys = sharding.place_batch(
+      (prepared.arrays, inputs_lib.example_keys(seed, b, example_ids)), b)
   if capture is None:  # the call (and its jit cache entry) is exactly the plain forward's
-    return _forward(name, cfg, params, prepared.arrays, keys, sched)
-  return _forward(name, cfg, params, prepared.arrays, keys, sched, capture)
+    return _forward(name, cfg, params, arrays, keys, sched)
+  return _forward(name, cfg, params, arrays, keys, sched, capture)
 

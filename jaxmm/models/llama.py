@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxmm import inputs as inputs_lib
+from jaxmm import sharding
 from jaxmm.config import LlamaConfig
 from jaxmm.layers import rope
 from jaxmm.layers.attention import CausalSelfAttention
@@ -37,6 +38,8 @@ class DecoderLayer(nn.Module):
   @nn.compact
   def __call__(self, x_BxTxD, sin_cos, mask_BxTxS, cache=None):
     cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
+    # On a mesh the residual stream stays split by batch: XLA gathers split weights to it.
+    x_BxTxD = sharding.constrain(x_BxTxD, "batch")
     attn = CausalSelfAttention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.attention_bias,
                                dt, self.capture, cfg.o_bias, name="attn")
     a, cache = attn(RMSNorm(cfg.rms_norm_eps, name="attn_norm")(x_BxTxD), sin_cos, mask_BxTxS, cache)
@@ -48,7 +51,7 @@ class DecoderLayer(nn.Module):
 def embed(cfg: LlamaConfig, params, input_ids_BxT):
   """f[B, T, D] token embeddings (ids outside the vocabulary, e.g. placeholders, are clamped)."""
   ids = jnp.clip(input_ids_BxT, 0, cfg.vocab_size - 1)
-  return params["embed"][ids].astype(cfg.dtype)
+  return sharding.constrain(params["embed"][ids].astype(cfg.dtype), "batch")
 
 
 def sin_cos(cfg: LlamaConfig, positions_BxT):

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxmm import inputs as inputs_lib
+from jaxmm import sharding
 from jaxmm.config import LlavaConfig
 from jaxmm.errors import InputError
 from jaxmm.layers.mlp import Mlp
@@ -30,7 +31,7 @@ def image_features(cfg: LlavaConfig, params, pixels_BxCxHxW):
     feats = feats[:, 1:]
   d = cfg.text.hidden_size
   proj = Mlp(d, d, cfg.projector_hidden_act, cfg.multimodal_projector_bias, dt)
-  return proj.apply({"params": params["projector"]}, feats)
+  return sharding.constrain(proj.apply({"params": params["projector"]}, feats), "batch")
 
 
 def merge_image_features(cfg: LlavaConfig, embeds_BxTxD, input_ids_BxT, feats_NxVxD):

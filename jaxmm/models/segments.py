@@ -14,6 +14,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from jaxmm import sharding
 from jaxmm.models.decoder import Decoder, attention_mask
 from jaxmm.pruning import schedule as schedule_lib
 from jaxmm.pruning import select
@@ -55,6 +56,7 @@ def run_range(dec: Decoder, params, state: TokenState, start: int, end: int,
   Returns (Segment, LayersOut): `.last` maps each need to its capture from layer end-1.
   `max_new=None` builds no KV cache (plain forward)."""
   b, n = state.valid.shape
+  state = state.replace(hidden=sharding.constrain(state.hidden, "batch"))  # a segment boundary
   kv_valid = None if max_new is None else jnp.concatenate(
       [state.valid, jnp.zeros((b, max_new), bool)], axis=1)
   valid = state.valid if kv_valid is None else kv_valid
@@ -62,7 +64,8 @@ def run_range(dec: Decoder, params, state: TokenState, start: int, end: int,
   kv = None
   if max_new is not None:
     shape = (end - start, *dec.kv_shape(b, n + max_new))
-    kv = (jnp.zeros(shape, state.hidden.dtype), jnp.zeros(shape, state.hidden.dtype))
+    zeros = sharding.constrain(jnp.zeros(shape, state.hidden.dtype), None, "batch")
+    kv = (zeros, zeros)
   out = dec.run(params, state.hidden, state.positions, mask, kv, 0, start, end,
                 capture=tuple(sorted(needs)), stack=tuple(stack))
   return Segment(state.replace(hidden=out.x), out.kv, kv_valid, start, end), out
