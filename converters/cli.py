@@ -19,7 +19,7 @@ import numpy as np
 
 import jaxmm.cli
 from jaxmm.converters import common
-from jaxmm import checkpoint
+from jaxmm import checkpoint, sharding
 from jaxmm.errors import ConfigError, ConversionError
 
 # model_type -> "module:function" returning a common.Plan. Imported lazily.
@@ -50,17 +50,20 @@ def add_args(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
                       help="params dtype (default float32; bfloat16 halves memory)")
   parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+  sharding.add_args(parser)
 
 
 def run(args) -> int:
   src = Path(args.src)
+  mesh = sharding.mesh_from_args(args)
   if src.suffix == ".gguf":
     from jaxmm.converters.gguf import gguf_to_hf  # pulls in torch/transformers: only for GGUF
     with tempfile.TemporaryDirectory(prefix="jaxmm-gguf-") as tmp:
       gguf_to_hf(src, Path(tmp) / "hf")
-      out = convert_folder(Path(tmp) / "hf", args.out, args.dtype, args.overwrite)
+      out = convert_folder(Path(tmp) / "hf", args.out, args.dtype, args.overwrite, mesh,
+                           args.sharding)
   else:
-    out = convert_folder(src, args.out, args.dtype, args.overwrite)
+    out = convert_folder(src, args.out, args.dtype, args.overwrite, mesh, args.sharding)
   print(f"wrote {out}")
   return 0
 
@@ -100,17 +103,23 @@ def convert_model(model, dtype: str = "float32"):
   return plan.config, params
 
 
-def convert_folder(src, out, dtype: str = "float32", overwrite: bool = False) -> Path:
-  """Converts the Hugging Face folder `src` into the jaxmm folder `out`; returns `out`."""
+def convert_folder(src, out, dtype: str = "float32", overwrite: bool = False, mesh=None,
+                   sharding_preset: str = "fsdp") -> Path:
+  """Converts the Hugging Face folder `src` into the jaxmm folder `out`; returns `out`. With a
+  `mesh`, each tensor goes onto the mesh as it is read (`sharding_preset`'s rules) and the
+  folder is written from the shards, so no host holds the whole model."""
   src = Path(src)
   hf_config = read_hf_config(src)
   plan_fn = planner(hf_config, src)
   source = common.TensorSource.open(src)
   plan = plan_fn(hf_config, source.names())
   common.check(source, plan.rules, plan.ignore)  # fail before touching OUT
+  shardings = None
+  if mesh is not None:
+    shardings = common.flatten(sharding.param_shardings(plan.rules, mesh, sharding_preset))
   with checkpoint.atomic_dir(out, overwrite) as tmp:
     params = common.convert(source, plan.rules, dtype=DTYPES[dtype], ignore=plan.ignore,
-                            progress=True)
+                            progress=True, shardings=shardings)
     checkpoint.write_params(tmp, params)
     del params
     _copy_aux(src, tmp)

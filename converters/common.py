@@ -8,6 +8,7 @@ into preallocated outputs, so peak memory is about the output plus one tensor. `
 exact inverse, used to write Hugging Face checkpoints back.
 """
 import dataclasses
+import functools
 import json
 import re
 from pathlib import Path
@@ -349,25 +350,54 @@ def check(source: TensorSource, rules: list[Rule], ignore: tuple[str, ...] = ())
 
 
 def convert(source: TensorSource, rules: list[Rule], *, dtype=np.float32,
-            ignore: tuple[str, ...] = (), progress: bool = False) -> dict:
+            ignore: tuple[str, ...] = (), progress: bool = False, shardings=None) -> dict:
   """Reads `source` through `rules` into a nested params dict of numpy arrays of `dtype`.
 
   `ignore` holds regexes (searched) of source names dropped silently. Raises ConversionError
   naming the tensor for missing, unexpected or misshapen tensors and unreadable files.
+  `shardings` ({params path: jax Sharding}, e.g. from `jaxmm.sharding`): each tensor goes onto
+  its devices as it is read (a layer of a stacked leaf into its slice), so the host holds one
+  tensor at a time; the leaves are then jax arrays in those shardings.
   """
   table = check(source, rules, ignore)
   dtype = np.dtype(dtype)
-  out = {r.dst: np.empty(r.out_shape(), dtype) for r in rules}
+  if shardings is None:
+    out = {r.dst: np.empty(r.out_shape(), dtype) for r in rules}
+  else:
+    out = {r.dst: _device_zeros(r.out_shape(), dtype, shardings[r.dst]) for r in rules}
   bar = tqdm(total=len(table), desc="convert", unit="tensor", disable=not progress)
   for shard in source.shards():
     for name in shard:
       if name in table:
         rule, i = table[name]
         y = TRANSFORMS[rule.fn].fwd(source.get(name))
-        out[rule.dst][... if i is None else i] = y  # casts to dtype in place
+        if shardings is None:
+          out[rule.dst][... if i is None else i] = y  # casts to dtype in place
+        else:
+          out[rule.dst] = _device_set(out[rule.dst], i, np.asarray(y, dtype))
         bar.update()
   bar.close()
   return unflatten(out)
+
+
+def _device_zeros(shape, dtype, sharding):
+  import jax  # only sharded conversion needs jax here
+  import jax.numpy as jnp
+  return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)()
+
+
+def _device_set(a, i, y):
+  """`a` with y at [i] (all of it for None), in `a`'s sharding; `a`'s buffers are donated."""
+  import jax
+  if i is None:
+    return jax.device_put(y, a.sharding)
+  return _layer_setter()(a, np.int32(i), y)
+
+
+@functools.cache
+def _layer_setter():
+  import jax
+  return jax.jit(lambda a, i, y: a.at[i].set(y), donate_argnums=0)
 
 
 def export(params: dict, rules: list[Rule]) -> dict[str, np.ndarray]:

@@ -8,10 +8,17 @@ importing the converter (python, numpy, jax, orbax) is measured the same way and
 separately, as is the largest single tensor.
 
   python -m jaxmm.eval.convert_memory [--out results/convert_memory.json] [--dtype float32]
+                                      [--mesh data=2,model=2 --sharding fsdp]
+
+With --mesh the converter places each tensor on a mesh of host devices as it streams
+(`jaxmm convert --mesh`). On the CPU backend those devices' buffers are host memory too, so the
+peak then holds the placed model plus what the converter adds; on accelerators only the latter
+is host memory.
 """
 import argparse
 import json
 import math
+import os
 import re
 import subprocess
 import sys
@@ -61,9 +68,18 @@ def save_sharded(folder: Path, k: int) -> None:
   (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
-def max_rss_bytes(cmd: list[str], cwd: Path) -> int:
-  """Runs `cmd` under GNU time -v; returns its peak RSS in bytes (raises if the command fails)."""
-  r = subprocess.run([TIME, "-v", *cmd], cwd=cwd, capture_output=True, text=True)
+def _devices(mesh: str | None) -> int:
+  from jaxmm import sharding
+  return math.prod(sharding.parse_mesh(mesh).values()) if mesh else 1
+
+
+def max_rss_bytes(cmd: list[str], cwd: Path, devices: int = 1) -> int:
+  """Runs `cmd` under GNU time -v (on `devices` host devices); returns its peak RSS in bytes
+  (raises if the command fails)."""
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  if devices > 1:
+    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
+  r = subprocess.run([TIME, "-v", *cmd], cwd=cwd, capture_output=True, text=True, env=env)
   if r.returncode != 0:
     raise RuntimeError(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stderr[-2000:]}")
   m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", r.stderr)
@@ -84,6 +100,8 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--out", default="results/convert_memory.json")
   parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+  parser.add_argument("--mesh", help="convert onto a mesh of host devices, e.g. data=2,model=2")
+  parser.add_argument("--sharding", default="fsdp")
   args = parser.parse_args(argv)
   if not Path(TIME).exists():
     raise SystemExit(f"{TIME} (GNU time) is missing: apt-get install -y time")
@@ -94,9 +112,11 @@ def main(argv=None) -> int:
     n, nbytes, largest = param_bytes(src, args.dtype)
     shard = max(f.stat().st_size for f in src.glob("model-*.safetensors"))
     base = max_rss_bytes([sys.executable, "-c", "import jaxmm.converters.cli"], repo)
+    mesh = ["--mesh", args.mesh, "--sharding", args.sharding] if args.mesh else []
     peak = max_rss_bytes([sys.executable, "-m", "jaxmm.converters.cli", str(src), str(out),
-                          "--dtype", args.dtype], repo)
-  res = {"params": n, "dtype": args.dtype, "param_bytes": nbytes, "peak_rss_bytes": peak,
+                          "--dtype", args.dtype, *mesh], repo, _devices(args.mesh))
+  res = {"params": n, "dtype": args.dtype, "mesh": args.mesh,
+         "sharding": args.sharding if args.mesh else None, "param_bytes": nbytes, "peak_rss_bytes": peak,
          "ratio": peak / nbytes, "import_rss_bytes": base,
          "ratio_without_import": (peak - base) / nbytes, "largest_shard_bytes": shard,
          "largest_tensor_bytes": largest, "shards": 4, "ok": peak < 2 * nbytes}

@@ -46,16 +46,10 @@ def _release_executables():
   jax.clear_caches()
 
 
-# The slowest files (subprocess runs, training), started first: pytest-xdist hands out files in
-# collection order, so a slow file collected last leaves one worker running it alone.
-SLOW_FIRST = ("sharding/test_mesh.py", "test_demo.py", "eval/test_vqa_multihost.py",
-              "train/test_vlm.py", "cadit/test_cadit_resume.py", "mgfte/test_train_resume.py",
-              "models/test_smollm2.py")
+# The longest test (a subprocess on 8 host devices) is started first: pytest-xdist hands out
+# files in collection order, so collected last it would leave one worker running it alone.
+FIRST = "tests/sharding/test_mesh.py"
 
 
 def pytest_collection_modifyitems(items):
-  def rank(item):
-    path = item.path.as_posix()
-    return next((i for i, s in enumerate(SLOW_FIRST) if path.endswith("tests/" + s)),
-                len(SLOW_FIRST))
-  items.sort(key=rank)   # stable: the rest keep their order
+  items.sort(key=lambda item: not item.path.as_posix().endswith(FIRST))  # stable otherwise

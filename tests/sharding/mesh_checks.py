@@ -171,3 +171,34 @@ def test_generate_command_on_a_mesh_prints_the_single_device_answer(tmp_path, ca
   assert answers[0] and answers[1] == answers[0] and answers[2] == answers[0]
   assert cli.main(base + ["--mesh", "data=2,model=2"]) == 2
   assert "does not match the 8 devices" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("preset", ["fsdp", "tp"])
+def test_convert_on_a_mesh_writes_the_rules_shardings_and_the_same_params(tmp_path, preset):
+  from jaxmm import cli
+  from jaxmm.converters import cli as convert_cli, common
+  from jaxmm.converters.common import flatten
+  from jaxmm.models import llava
+  from tiny_hf import build_hf_folder
+  build_hf_folder(tmp_path / "hf")
+  assert cli.main(["convert", str(tmp_path / "hf"), str(tmp_path / "one")]) == 0
+  assert cli.main(["convert", str(tmp_path / "hf"), str(tmp_path / "mesh"), "--mesh",
+                   "data=2,model=4", "--sharding", preset]) == 0
+  one = jaxmm.load(tmp_path / "one")
+  mesh = jax.make_mesh((2, 4), ("data", "model"))
+  want = flatten(sharding.param_specs(llava.rules(one.config), preset, {"data": 2, "model": 4}))
+  ref = flatten(one.params)
+  # The engine puts every tensor straight into its sharding as it streams...
+  source = common.TensorSource.open(tmp_path / "hf")
+  plan = convert_cli.planner(convert_cli.read_hf_config(tmp_path / "hf"), tmp_path)(
+      convert_cli.read_hf_config(tmp_path / "hf"), source.names())
+  placed = flatten(common.convert(source, plan.rules, ignore=plan.ignore, shardings=flatten(
+      sharding.param_shardings(plan.rules, mesh, preset))))
+  # ...and the folder it writes from those shards reads back in them.
+  loaded = flatten(api.load(tmp_path / "mesh", mesh=mesh, sharding=preset).params)
+  assert sorted(placed) == sorted(loaded) == sorted(want) == sorted(ref)
+  assert sum(spec != jax.sharding.PartitionSpec() for spec in want.values()) > 10
+  for path in want:
+    for leaf in (placed[path], loaded[path]):
+      assert leaf.sharding.spec == want[path], path
+      np.testing.assert_array_equal(np.asarray(leaf), np.asarray(ref[path]))
