@@ -216,6 +216,41 @@ def from_budget(method: str, layer: int, budget: float, n_visual: int, num_layer
                    f"{min_layer(method)} the first layers alone average more visual tokens")
 
 
+def solve_keep(template: str, target: float, n_visual: int, num_layers: int, cost=None,
+               positions: str | None = None) -> Schedule:
+  """The schedule `template` with its one free keep ("?") solved for a budget; resolved.
+
+  Any stage shape: "entropy@2:?", "divprune@0:?,random@20:38", "divprune@0:?,random@20:13%"
+  (a later keep relative to what enters its stage). The free keep is the largest k whose cost is
+  at most `target`. The default cost is the layer-averaged visual-token count, which makes this
+  pruning.md §3.2's k = floor((L·avg - K·N) / (L - K)) for one stage (166 / 98 / 29 for
+  EntropyPrune at 192 / 128 / 64 on LLaVA-1.5) and gives the released two-stage schedules
+  (284 for "divprune@0:?,random@20:38" at 192). `cost(resolved schedule)` may be any measure
+  that does not decrease with k, e.g. a FLOPs fraction.
+  """
+  if not isinstance(template, str) or template.count("?") != 1:
+    raise InputError(f"schedule template {template!r} must hold exactly one free keep '?'")
+  cost = cost or (lambda sched: average_visual(sched, num_layers))
+
+  def at(k):
+    return resolve(parse(template.replace("?", str(k)), positions), n_visual, num_layers)
+
+  at(n_visual)   # the template itself (methods, layers, later keeps) is checked here, by name
+  best = None
+  for k in range(1, n_visual + 1):
+    try:
+      sched = at(k)
+    except InputError:   # a later stage keeps more than these k: k is too small for it
+      continue
+    if cost(sched) > target + 1e-9:
+      break
+    best = sched
+  if best is None:
+    raise InputError(f"budget {target} is unreachable with {template!r}: its smallest keep "
+                     "already costs more")
+  return best
+
+
 def needs(schedule: Schedule) -> frozenset:
   """What the stages need from layer K-1 (a subset of {"queries", "attn_row"})."""
   return frozenset().union(*(METHODS[s.method].NEEDS for s in schedule))

@@ -1,6 +1,7 @@
 """Schedule text form, resolution against a model/input, and the §3.2 budget conversion."""
 import pytest
 
+from jaxmm import config as config_lib, flops
 from jaxmm.errors import InputError
 from jaxmm.pruning import schedule
 from jaxmm.pruning.schedule import Stage
@@ -95,3 +96,50 @@ def test_entropy_layer_per_model_follows_the_reference():
   from jaxmm import config
   assert schedule.entropy_layer(config.qwen25_vl_7b().model_type) == 1
   assert schedule.entropy_layer("llava") == schedule.entropy_layer("llava_next") == 2
+
+
+# ---- budget algebra: one free keep in any stage shape --------------------------------------------
+
+@pytest.mark.parametrize("template,target,want", [
+    ("entropy@2:?", 192, (166,)), ("entropy@2:?", 128, (98,)), ("entropy@2:?", 64, (29,)),
+    ("divprune@0:?,random@20:38", 192, (284, 38)),      # pruning.md §4.2, the released scripts
+    ("divprune@0:?,random@20:10", 64, (96, 10)),
+    ("divprune@2:?,random@20:38", 192, (252, 38)),      # DART+Random "192" (its stage shape)
+    ("divprune@1:?,random@20:27", 64, (60, 27)),        # DART+Random "64"
+])
+def test_solve_keep_gives_the_reference_keeps(template, target, want):
+  sched = schedule.solve_keep(template, target, 576, 32)
+  assert tuple(s.keep for s in sched) == want
+  # the largest such keep: one more exceeds the target
+  avg = schedule.average_visual(sched, 32)
+  assert avg <= target
+  bigger = template.replace("?", str(sched[0].keep + 1))
+  assert schedule.average_visual(schedule.resolve(schedule.parse(bigger), 576, 32), 32) > target
+
+
+def test_solve_keep_equals_from_budget_for_one_stage():
+  for budget in (64.5, 100, 300):   # reachable at K=3 (from_budget would lower K otherwise)
+    got = schedule.solve_keep("fastv@3:?", budget, 576, 32)
+    assert got == schedule.from_budget("fastv", 3, budget, 576, 32)
+
+
+def test_solve_keep_with_a_relative_later_stage_and_a_flops_cost():
+  sched = schedule.solve_keep("divprune@0:?,random@20:13%", 192, 576, 32)
+  k1, k2 = (s.keep for s in sched)
+  assert k2 == schedule.keep_count("13%", k1) and schedule.average_visual(sched, 32) <= 192
+  dims = flops.Dims.from_config(config_lib.llava15_7b())
+  frac = lambda s: 1 - flops.batch_reduction(s, [40], [576], dims, "B")
+  half = schedule.solve_keep("entropy@2:?", 0.5, 576, 32, cost=frac)
+  assert frac(half) <= 0.5 < frac(schedule.resolve(schedule.parse(
+      f"entropy@2:{half[0].keep + 1}"), 576, 32))
+
+
+@pytest.mark.parametrize("template,target,needle", [
+    ("entropy@2:50", 64, "exactly one free keep"),
+    ("entropy@2:?,random@20:?", 64, "exactly one free keep"),
+    ("entropy@40:?", 64, "layer"),
+    ("entropy@30:?", 10, "unreachable"),
+])
+def test_solve_keep_errors(template, target, needle):
+  with pytest.raises(InputError, match=needle):
+    schedule.solve_keep(template, target, 576, 32)
