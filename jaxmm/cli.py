@@ -48,6 +48,10 @@ COMMANDS = {
         "jaxmm.plan",
         "Memory plan of a model on a device mesh: parameters and KV cache per device, from "
         "shapes only."),
+    ("calibrate",): Command(
+        "jaxmm.eval.calibrate",
+        "Derive a pruning schedule from the model's own Entropy Collapse Layer and information "
+        "horizon."),
     ("export",): Command(
         "jaxmm.converters.export",
         "Export a jaxmm LLaVA as a transformers folder: "

@@ -7,8 +7,10 @@ converts a layer-averaged visual-token budget into a keep count (pruning.md §3.
 """
 import dataclasses
 import fractions
+import json
 import math
 import re
+from pathlib import Path
 
 import numpy as np
 
@@ -107,10 +109,27 @@ def _check_order(schedule: Schedule) -> None:
       raise InputError(f"schedule stages must have strictly increasing layers: {a} then {b}")
 
 
+def read_file(text: str) -> str:
+  """The schedule text of "@FILE": a JSON object's "schedule" (what `jaxmm calibrate` writes)."""
+  path = Path(text[1:])
+  try:
+    obj = json.loads(path.read_text())
+  except FileNotFoundError:
+    raise InputError(f"schedule file {path} does not exist") from None
+  except (OSError, json.JSONDecodeError) as e:
+    raise InputError(f"schedule file {path} is not readable JSON: {e}") from None
+  if not isinstance(obj, dict) or not isinstance(obj.get("schedule"), str):
+    raise InputError(f"schedule file {path} has no \"schedule\" text")
+  return obj["schedule"]
+
+
 def parse(text: str, positions: str | None = None) -> Schedule:
-  """Parses "METHOD@LAYER:KEEP[,METHOD@LAYER:KEEP...]"; `positions` overrides each method's default."""
+  """Parses "METHOD@LAYER:KEEP[,METHOD@LAYER:KEEP...]", or "@FILE" (a JSON file with that text
+  under "schedule"); `positions` overrides each method's default."""
   if positions is not None:
     _check_positions(positions)
+  if isinstance(text, str) and text.strip().startswith("@"):
+    text = read_file(text.strip())
   if not isinstance(text, str) or not text.strip():
     raise InputError(f"empty pruning schedule {text!r}: expected METHOD@LAYER:KEEP[,...]")
   parts = [p.strip() for p in text.split(",")]
