@@ -1,11 +1,16 @@
-"""Prefill latency: jitted jaxmm vs eager transformers, side by side in one process.
+"""Prefill latency: jitted jaxmm vs transformers (SDPA and eager), side by side in one process.
 
 The LLaVA-shaped config of `jaxmm.config.llava_bench()`: CLIP 336 px / patch 14 (576 visual
 tokens), 6 layers, width 256; LLaMA 8 layers, width 512, 8 heads; batch 1, ~40 text tokens.
-Both run the same random weights (converted from the torch model). Runs are interleaved and
-repeated; medians and the ratio jaxmm/torch go to stdout and to `--out` (JSON).
+All run the same random weights (converted from the torch model) and the prefill that
+generation runs: vision tower, projector, the decoder filling its KV cache, and the logits of
+the last position only (jaxmm's `generation._prefill`; transformers with `use_cache=True,
+logits_to_keep=1`, as its `generate` calls it). Runs are interleaved and repeated; medians, the
+ratios jaxmm / torch, and the share of this machine's matmul rate that each reaches (the
+prefill's analytic FLOPs over the time, against a jitted f32 GEMM measured in the same
+process) go to stdout and to `--out` (JSON).
 
-  python -m jaxmm.eval.bench_prefill [--runs 7] [--text-tokens 40] [--out results/bench_prefill.json]
+  python -m jaxmm.eval.bench_prefill [--runs 9] [--text-tokens 40] [--out results/bench_prefill.json]
 """
 import argparse
 import os
@@ -62,39 +67,92 @@ def timed(fn, runs):
   return out
 
 
+def matmul_rate(n: int = 2048, runs: int = 5) -> float:
+  """FLOP/s of a jitted f32 n x n GEMM (the machine's matmul rate, measured here)."""
+  x = jax.numpy.ones((n, n), jax.numpy.float32)
+  f = jax.jit(lambda a: a @ a)
+  f(x).block_until_ready()
+  return 2 * n ** 3 / statistics.median(timed(lambda: f(x).block_until_ready(), runs))
+
+
+def prefill_flops(cfg, seq_len: int) -> int:
+  """Analytic FLOPs (2 per multiply-add) of the whole prefill: CLIP up to its feature layer,
+  the projector, the decoder ("gqa" form, full n x n attention products) and the last
+  position's head. XLA's cost analysis counts a scanned layer stack's body once, so it cannot
+  give this."""
+  from jaxmm import flops as flops_lib
+  v, t = cfg.vision, cfg.text
+  n = v.num_patches + 1
+  depth = max(l if l >= 0 else v.num_layers + 1 + l for l in cfg.feature_layers)
+  clip_layer = 2 * n * 4 * v.hidden_size ** 2 + 4 * n * n * v.hidden_size \
+      + 4 * n * v.hidden_size * v.intermediate_size
+  patch = 2 * v.num_patches * v.num_channels * v.patch_size ** 2 * v.hidden_size
+  d_in = v.hidden_size * len(cfg.feature_layers)
+  proj = 2 * cfg.num_image_tokens * (d_in * t.hidden_size + t.hidden_size ** 2)
+  dec = flops_lib.prefill_flops((), seq_len - cfg.num_image_tokens, cfg.num_image_tokens,
+                                flops_lib.Dims.from_config(cfg), "gqa")
+  return patch + depth * clip_layer + proj + dec + 2 * t.hidden_size * t.vocab_size
+
+
+def torch_prefill(model, ids_t, px_t, attn: str):
+  """transformers' prefill as `generate` runs it: KV cache on, last-position logits only. The
+  runs of both attention implementations share one model, so each call sets its own."""
+  def run():
+    model.set_attn_implementation(attn)
+    with torch.no_grad():
+      return model(input_ids=ids_t, pixel_values=px_t, use_cache=True, logits_to_keep=1).logits
+  return run
+
+
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--runs", type=int, default=7)
+  ap.add_argument("--runs", type=int, default=9)
   ap.add_argument("--text-tokens", type=int, default=40)
   ap.add_argument("--out", default="results/bench_prefill.json")
   args = ap.parse_args(argv)
-  from jaxmm.models import llava
+  from jaxmm import generation, inputs as inputs_lib
+  from jaxmm.models import core
   model, cfg, params = build()
   params = jax.device_put(params)
   ids, px = prompt(cfg, args.text_tokens)
-  ids_t, px_t = torch.tensor(ids, dtype=torch.long), torch.tensor(px)
-  jax_fn = lambda: llava.forward(cfg, params, input_ids=ids, pixel_values=px).logits.block_until_ready()
-  def torch_fn():
-    with torch.no_grad():
-      return model(input_ids=ids_t, pixel_values=px_t, use_cache=False).logits
+  arrays = core.prepare("llava", cfg, {"input_ids": ids, "pixel_values": px}).arrays
+  keys = inputs_lib.example_keys(0, 1)
+  prefill = lambda: generation._prefill("llava", cfg, params, arrays, keys, (), 1)
+  jax_fn = lambda: jax.block_until_ready(prefill())[0]
   t0 = time.perf_counter(); jax_fn(); compile_s = time.perf_counter() - t0
-  torch_fn()  # warm-up
-  jx, th = [], []
-  for _ in range(args.runs):  # interleaved, so drift hits both alike
-    jx += timed(jax_fn, 1)
-    th += timed(torch_fn, 1)
-  diff = float(np.abs(np.asarray(jax_fn()) - torch_fn().numpy()).max())
-  res = {"config": "llava_bench", "seq_len": int(ids.shape[1]), "visual_tokens": cfg.num_image_tokens,
-         "runs": args.runs, "jaxmm_median_s": statistics.median(jx),
-         "torch_median_s": statistics.median(th), "ratio_jaxmm_over_torch":
-         statistics.median(jx) / statistics.median(th), "jaxmm_first_call_s": compile_s,
-         "jaxmm_s": jx, "torch_s": th, "max_abs_logit_diff": diff,
+  flops = prefill_flops(cfg, int(ids.shape[1]))
+  ids_t, px_t = torch.tensor(ids, dtype=torch.long), torch.tensor(px)
+  fns = {"jaxmm": jax_fn}
+  for attn in ("sdpa", "eager"):
+    fns[f"torch_{attn}"] = torch_prefill(model, ids_t, px_t, attn)
+    fns[f"torch_{attn}"]()  # warm-up
+  times = {k: [] for k in fns}
+  for _ in range(args.runs):  # interleaved, so drift hits all alike
+    for k, f in fns.items():
+      times[k] += timed(f, 1)
+  rate = matmul_rate()
+  med = {k: statistics.median(v) for k, v in times.items()}
+  diff = float(np.abs(np.asarray(jax_fn()) - fns["torch_sdpa"]()[:, -1].numpy()).max())
+  res = {"config": "llava_bench", "seq_len": int(ids.shape[1]),
+         "visual_tokens": cfg.num_image_tokens, "runs": args.runs,
+         "prefill": "vision + projector + decoder with KV cache + last-position logits",
+         **{f"{k}_median_s": v for k, v in med.items()},
+         "ratio_jaxmm_over_torch_sdpa": med["jaxmm"] / med["torch_sdpa"],
+         "ratio_jaxmm_over_torch_eager": med["jaxmm"] / med["torch_eager"],
+         "prefill_flops": flops, "matmul_flops_per_s": rate,
+         "share_of_matmul_rate": {k: flops / v / rate for k, v in med.items()},
+         "jaxmm_first_call_s": compile_s, "times_s": times, "max_abs_logit_diff": diff,
          "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
          "jax_backend": jax.default_backend(), "machine": platform.machine()}
-  print(f"prefill of {res['seq_len']} tokens ({res['visual_tokens']} visual), median of {args.runs}:")
-  print(f"  jaxmm (jit)   {res['jaxmm_median_s'] * 1e3:8.1f} ms   (first call incl. compile {compile_s:.1f} s)")
-  print(f"  torch (eager) {res['torch_median_s'] * 1e3:8.1f} ms")
-  print(f"  ratio jaxmm/torch = {res['ratio_jaxmm_over_torch']:.2f}; max |logit diff| = {diff:.2e}")
+  print(f"prefill of {res['seq_len']} tokens ({res['visual_tokens']} visual; KV cache on, last "
+        f"logits only), median of {args.runs} interleaved runs:")
+  for k, v in med.items():
+    print(f"  {k:<12} {v * 1e3:8.1f} ms   {100 * res['share_of_matmul_rate'][k]:5.1f}% of the "
+          f"matmul rate")
+  print(f"  jaxmm / torch sdpa = {res['ratio_jaxmm_over_torch_sdpa']:.3f}, / torch eager = "
+        f"{res['ratio_jaxmm_over_torch_eager']:.3f}; max |logit diff| = {diff:.2e}")
+  print(f"  {flops / 1e9:.1f} GFLOP (analytic); matmul rate {rate / 1e9:.0f} GFLOP/s (jitted f32 "
+        f"2048^2 GEMM); jaxmm first call incl. compile {compile_s:.1f} s")
   Path(args.out).parent.mkdir(parents=True, exist_ok=True)
   checkpoint.write_json(args.out, res)
   return res
