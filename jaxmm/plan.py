@@ -12,6 +12,7 @@ only the tokens left entering it.
 import argparse
 import json
 import math
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -76,14 +77,28 @@ def kv_bytes(text_cfg, lengths, batch: int, data: int, itemsize: int) -> int:
   return 2 * per_b * sum(lengths) * text_cfg.num_kv_heads * text_cfg.head_dim * itemsize
 
 
+def folder_config(path) -> tuple[str, object, int]:
+  """(family, config, default visual tokens) of a model folder (only its jaxmm.json is read)."""
+  from jaxmm import checkpoint
+  meta = checkpoint.read_meta(path)
+  cfg = registry.family_module(meta["family"]).Config.from_dict(meta["config"])
+  if not hasattr(cfg, "text") and not hasattr(cfg, "num_layers"):
+    raise ConfigError(f"{path} holds a {meta['family']!r} model: plan covers decoder models")
+  return meta["family"], cfg, getattr(cfg, "num_image_tokens", 0)
+
+
 def plan(name: str, mesh: dict, preset: str, batch: int, seq: int | None, dtype: str,
          schedule=None, visual: int | None = None) -> dict:
-  """The plan as a dict (what --json prints). `seq` defaults to 2048, or the visual tokens plus
-  512 when they need more."""
-  if name not in CONFIGS:
-    raise ConfigError(f"unknown config {name!r}; known: {', '.join(CONFIGS)}")
-  family, make, default_visual = CONFIGS[name]
-  cfg, visual = make(), visual or default_visual
+  """The plan as a dict (what --json prints). `name`: one of CONFIGS, or a model folder.
+  `seq` defaults to 2048, or the visual tokens plus 512 when they need more."""
+  if name in CONFIGS:
+    family, make, default_visual = CONFIGS[name]
+    cfg = make()
+  elif Path(name).is_dir():
+    family, cfg, default_visual = folder_config(name)
+  else:
+    raise ConfigError(f"unknown config {name!r}; known: {', '.join(CONFIGS)}, or a model folder")
+  visual = default_visual if visual is None else visual
   seq = seq or max(2048, visual + 512)
   if visual > seq:
     raise ConfigError(f"--visual {visual} does not fit in --seq {seq}")
@@ -121,7 +136,8 @@ def report(p: dict) -> str:
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-  p.add_argument("--config", required=True, choices=list(CONFIGS))
+  p.add_argument("--config", required=True, metavar="CONFIG|FOLDER",
+                 help=f"one of {', '.join(CONFIGS)}, or a jaxmm model folder")
   p.add_argument("--mesh", default="data=1,model=1", help="e.g. data=2,model=4")
   p.add_argument("--sharding", default="fsdp", choices=list(sharding.PRESETS))
   p.add_argument("--batch", type=int, default=8)
