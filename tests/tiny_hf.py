@@ -75,3 +75,15 @@ def digit_png(path) -> int:
   img = (d.images[0] * (255 / 16)).astype(np.uint8)
   Image.fromarray(img).resize((56, 56), Image.NEAREST).convert("RGB").save(path)
   return int(d.target[0])
+
+
+def tiny_llava_config():
+  """The jaxmm LlavaConfig of `llava_hf_config()`'s shape, for tests that need no torch model
+  (abstract params, plans): CLIP 28 px / patch 7 (16 visual tokens), a 3-layer GQA LLaMA."""
+  from jaxmm import config as config_lib
+  return config_lib.LlavaConfig(
+      vision=config_lib.ClipVisionConfig(hidden_size=32, intermediate_size=64, num_layers=3,
+                                         num_heads=4, image_size=28, patch_size=7),
+      text=config_lib.LlamaConfig(vocab_size=120, hidden_size=48, intermediate_size=96,
+                                  num_layers=3, num_heads=4, num_kv_heads=2, head_dim=12),
+      image_token_id=IMAGE_TOKEN)

@@ -4,17 +4,12 @@ import re
 
 import jax
 
-from jaxmm import config as config_lib
 from jaxmm.eval import bench_compile
 from jaxmm.models import core
 from jaxmm import generation, inputs as inputs_lib
+from tiny_hf import tiny_llava_config
 
-TINY = config_lib.LlavaConfig(
-    vision=config_lib.ClipVisionConfig(hidden_size=32, intermediate_size=64, num_layers=3,
-                                       num_heads=4, image_size=28, patch_size=7),
-    text=config_lib.LlamaConfig(vocab_size=120, hidden_size=48, intermediate_size=96,
-                                num_layers=3, num_heads=4, num_kv_heads=2, head_dim=12),
-    image_token_id=100)
+TINY = tiny_llava_config()
 
 
 def _program(layers: int, schedule: str) -> str:

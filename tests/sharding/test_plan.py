@@ -93,15 +93,10 @@ def test_mesh_text_is_parsed_strictly():
 def test_a_model_folder_is_planned_from_its_stored_config(tmp_path, capsys):
   import jax
   import numpy as np
-  from jaxmm import config as config_lib
   from jaxmm.checkpoint import save_model
   from jaxmm.models import llava
-  cfg = config_lib.LlavaConfig(
-      vision=config_lib.ClipVisionConfig(hidden_size=32, intermediate_size=64, num_layers=2,
-                                         num_heads=4, image_size=28, patch_size=7),
-      text=config_lib.LlamaConfig(vocab_size=120, hidden_size=48, intermediate_size=96,
-                                  num_layers=3, num_heads=4, num_kv_heads=2, head_dim=12),
-      image_token_id=100)
+  from tiny_hf import tiny_llava_config
+  cfg = tiny_llava_config()
   params = llava.init_params(cfg, jax.random.PRNGKey(0))
   save_model(tmp_path / "m", "llava", cfg.to_dict(), params)
   p = plan.plan(str(tmp_path / "m"), {"data": 1, "model": 1}, "dp", 2, 64, "float32")
