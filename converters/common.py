@@ -364,7 +364,8 @@ def convert(source: TensorSource, rules: list[Rule], *, dtype=np.float32,
   if shardings is None:
     out = {r.dst: np.empty(r.out_shape(), dtype) for r in rules}
   else:
-    out = {r.dst: _device_zeros(r.out_shape(), dtype, shardings[r.dst]) for r in rules}
+    import jax.numpy as jnp  # only sharded conversion needs jax here
+    out = {r.dst: jnp.zeros(r.out_shape(), dtype, device=shardings[r.dst]) for r in rules}
   bar = tqdm(total=len(table), desc="convert", unit="tensor", disable=not progress)
   for shard in source.shards():
     for name in shard:
@@ -378,12 +379,6 @@ def convert(source: TensorSource, rules: list[Rule], *, dtype=np.float32,
         bar.update()
   bar.close()
   return unflatten(out)
-
-
-def _device_zeros(shape, dtype, sharding):
-  import jax  # only sharded conversion needs jax here
-  import jax.numpy as jnp
-  return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)()
 
 
 def _device_set(a, i, y):

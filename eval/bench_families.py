@@ -17,7 +17,6 @@ import platform
 import statistics
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxmm import checkpoint, config as config_lib, flops, registry
@@ -95,15 +94,6 @@ def schedules(family: str, n_vis: int, num_layers: int) -> list:
   return out
 
 
-def matmul_gflops(n: int = 2048, runs: int = 5) -> float:
-  """This machine's f32 matmul rate (GFLOP/s), measured here."""
-  a = jnp.ones((n, n), jnp.float32)
-  f = jax.jit(lambda x: x @ x)
-  jax.block_until_ready(f(a))
-  t = statistics.median(prune_bench.interleaved([lambda: f(a)], runs)[0])
-  return 2 * n ** 3 / t / 1e9
-
-
 def run_family(family: str, runs: int, seed: int = 0) -> dict:
   name = "llava_next" if family == "llava_next" else "qwen2_vl"
   cfg = bench_config(family)
@@ -134,7 +124,7 @@ def run_family(family: str, runs: int, seed: int = 0) -> dict:
     r["decoder_ratio"] = r["decoder_s"] / rows[0]["decoder_s"]
   return {"family": family, "visual_tokens": n_vis, "text_tokens": n_text,
           "image_size_hw": IMAGE_SIZE[family], "runs": runs, "rows": rows,
-          "matmul_gflops": matmul_gflops(), "machine": platform.machine(),
+          "matmul_gflops": prune_bench.matmul_gflops(), "machine": platform.machine(),
           "jax_backend": jax.default_backend()}
 
 

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from jaxmm import checkpoint
+from jaxmm.eval import prune_bench
 
 
 def hf_config(cfg):
@@ -56,23 +57,6 @@ def prompt(cfg, n_text, seed=0):
   ids = np.concatenate([pre, np.full((1, cfg.num_image_tokens), cfg.image_token_id), post], 1)
   px = rng.standard_normal((1, 3, cfg.vision.image_size, cfg.vision.image_size)).astype(np.float32)
   return ids.astype(np.int32), px
-
-
-def timed(fn, runs):
-  out = []
-  for _ in range(runs):
-    t0 = time.perf_counter()
-    fn()
-    out.append(time.perf_counter() - t0)
-  return out
-
-
-def matmul_rate(n: int = 2048, runs: int = 5) -> float:
-  """FLOP/s of a jitted f32 n x n GEMM (the machine's matmul rate, measured here)."""
-  x = jax.numpy.ones((n, n), jax.numpy.float32)
-  f = jax.jit(lambda a: a @ a)
-  f(x).block_until_ready()
-  return 2 * n ** 3 / statistics.median(timed(lambda: f(x).block_until_ready(), runs))
 
 
 def prefill_flops(cfg, seq_len: int) -> int:
@@ -122,15 +106,11 @@ def main(argv=None):
   t0 = time.perf_counter(); jax_fn(); compile_s = time.perf_counter() - t0
   flops = prefill_flops(cfg, int(ids.shape[1]))
   ids_t, px_t = torch.tensor(ids, dtype=torch.long), torch.tensor(px)
-  fns = {"jaxmm": jax_fn}
-  for attn in ("sdpa", "eager"):
-    fns[f"torch_{attn}"] = torch_prefill(model, ids_t, px_t, attn)
-    fns[f"torch_{attn}"]()  # warm-up
-  times = {k: [] for k in fns}
-  for _ in range(args.runs):  # interleaved, so drift hits all alike
-    for k, f in fns.items():
-      times[k] += timed(f, 1)
-  rate = matmul_rate()
+  fns = {"jaxmm": jax_fn, **{f"torch_{a}": torch_prefill(model, ids_t, px_t, a)
+                              for a in ("sdpa", "eager")}}
+  # interleaved (after one warm-up call each), so drift hits all alike
+  times = dict(zip(fns, prune_bench.interleaved(list(fns.values()), args.runs)))
+  rate = prune_bench.matmul_gflops() * 1e9
   med = {k: statistics.median(v) for k, v in times.items()}
   diff = float(np.abs(np.asarray(jax_fn()) - fns["torch_sdpa"]()[:, -1].numpy()).max())
   res = {"config": "llava_bench", "seq_len": int(ids.shape[1]),

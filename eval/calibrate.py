@@ -10,9 +10,9 @@ key, or else from the model's own greedy answer), then chooses:
     tokens are ranked by the layer-(K-1) queries just before the collapse), DivPrune at the
     input (layer 0, as in its reference);
   - random pruning from the latest category's horizon on (beyond it a lone window no longer
-    moves the answer, so which tokens stay matters no more than chance), keeping 13% of the
-    tokens that enter it (pruning.md §10.6); no random stage when no category reaches its
-    horizon after the scored stage;
+    moves any category's answer, so which tokens stay matters no more than chance), keeping
+    13% of the tokens that enter it (pruning.md §10.6); no random stage when a category never
+    reaches its horizon, or when none falls after the scored stage;
   - the scored stage's keep solved so that the layer-averaged visual-token count meets the
     budget (`schedule.solve_keep`, the largest keep at most the budget).
 The file holds the schedule text (accepted wherever a schedule is, as `--schedule @FILE`), the
@@ -20,7 +20,6 @@ measurements behind it and the rule that picked each layer. The ECL and horizon 
 jaxmm's own (see their `definitions`). Deterministic for a given model, data and seed.
 """
 import argparse
-import json
 import sys
 
 from jaxmm import checkpoint, sharding
@@ -93,27 +92,27 @@ def own_answers(m, rows, image_folder) -> dict:
           for l in lines}
 
 
-def choose(method: str, ecl_layer: int, horizons: dict, num_layers: int) -> tuple[str, list]:
+def choose(method: str, ecl_layer: int, horizons: dict) -> tuple[str, list]:
   """(schedule template with one free keep, [choice records]) from the measured layers."""
   if method == "divprune":
-    k, why = 0, "DivPrune scores the projector outputs: layer 0, as its reference"
+    k, rule, why = 0, "reference", "DivPrune scores the projector outputs: layer 0, as its reference"
   else:
-    k = max(ecl_layer, schedule_lib.min_layer(method))
+    k, rule = max(ecl_layer, schedule_lib.min_layer(method)), "ecl"
     why = (f"the Entropy Collapse Layer {ecl_layer} (largest drop of the mean token-wise "
            f"entropy); tokens are ranked by layer-{k - 1} quantities just before it")
-  choices = [{"stage": method, "layer": k, "rule": "ecl" if method != "divprune" else
-              "reference", "reason": why}]
-  reached = {c: h for c, h in horizons.items() if h is not None}
-  latest = max(reached.values(), default=None)
-  if latest is None or latest <= k or latest >= num_layers:
+  choices = [{"stage": method, "layer": k, "rule": rule, "reason": why}]
+  never = sorted(c for c, h in horizons.items() if h is None)
+  latest = None if never else max(horizons.values(), default=None)
+  if latest is None or latest <= k:
+    why = (f"categories {never} never reach their horizon" if never else
+           f"no category horizon falls after layer {k} ({horizons})")
     choices.append({"stage": "random", "layer": None, "rule": "horizon",
-                    "reason": "no category reaches its horizon after the scored stage "
-                              f"(horizons {horizons}): no random stage"})
+                    "reason": why + ": no random stage"})
     return f"{method}@{k}:?", choices
   choices.append({"stage": "random", "layer": latest, "rule": "horizon",
                   "reason": f"the latest category horizon ({horizons}): beyond it a lone 2x2 "
-                            f"window no longer moves the answer; keeps {RANDOM_SHARE} of the "
-                            "tokens entering it"})
+                            f"window no longer moves any category's answer; keeps "
+                            f"{RANDOM_SHARE} of the tokens entering it"})
   return f"{method}@{k}:?,random@{latest}:{RANDOM_SHARE}", choices
 
 
@@ -135,7 +134,7 @@ def calibrate(args) -> dict:
   hz = analyze_horizon.analyze(m, probe, pr, args.image_folder, key, args.tau)
   horizons = {c: s["horizon"] for c, s in hz["categories"].items()}
   n_l = m.config.text.num_layers
-  template, choices = choose(args.method, ecl["ecl_layer"], horizons, n_l)
+  template, choices = choose(args.method, ecl["ecl_layer"], horizons)
   sched = schedule_lib.solve_keep(template, target, n_visual, n_l)
   text = ",".join(f"{s.method}@{s.layer}:{s.keep}" for s in sched)
   return {"schedule": text, "template": template, "budget": args.budget,

@@ -116,7 +116,8 @@ def main(argv=None) -> int:
     peak = max_rss_bytes([sys.executable, "-m", "jaxmm.converters.cli", str(src), str(out),
                           "--dtype", args.dtype, *mesh], repo, _devices(args.mesh))
   res = {"params": n, "dtype": args.dtype, "mesh": args.mesh,
-         "sharding": args.sharding if args.mesh else None, "param_bytes": nbytes, "peak_rss_bytes": peak,
+         "sharding": args.sharding if args.mesh else None,
+         "param_bytes": nbytes, "peak_rss_bytes": peak,
          "ratio": peak / nbytes, "import_rss_bytes": base,
          "ratio_without_import": (peak - base) / nbytes, "largest_shard_bytes": shard,
          "largest_tensor_bytes": largest, "shards": 4, "ok": peak < 2 * nbytes}

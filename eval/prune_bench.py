@@ -231,6 +231,14 @@ def prefill_times(m, state, key, scheds, runs: int) -> list[list[float]]:
                      runs)
 
 
+def matmul_gflops(n: int = 2048, runs: int = 5) -> float:
+  """This machine's f32 matmul rate (GFLOP/s): a jitted n x n GEMM, measured here."""
+  a = jnp.ones((n, n), jnp.float32)
+  f = jax.jit(lambda x: x @ x)
+  t = statistics.median(interleaved([lambda: f(a)], runs)[0])
+  return 2 * n ** 3 / t / 1e9
+
+
 def interleaved(fns, runs: int) -> list[list[float]]:
   """`runs` wall times (s) of each function: all are compiled first, then run in turn."""
   for f in fns:

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxmm import config as config_lib
+from jaxmm import flops as flops_lib
 from jaxmm import registry, sharding
 from jaxmm.errors import ConfigError
 from jaxmm.pruning import schedule as schedule_lib
@@ -59,18 +59,6 @@ def param_bytes(family: str, cfg, preset: str, sizes: dict, itemsize: int) -> tu
   return sum(math.prod(x.shape) for x in leaves), sum(per) * itemsize
 
 
-def kv_lengths(sched, num_layers: int, seq: int, visual: int, batch: int) -> list[int]:
-  """The KV length of every layer: `seq` before the first stage, then what each stage leaves."""
-  if not sched:
-    return [seq] * num_layers
-  resolved = schedule_lib.resolve(sched, np.full(batch, visual), num_layers, seq)
-  lengths, length, start = [], seq, 0
-  for st in resolved:
-    lengths += [length] * (st.layer - start)
-    length, start = st.out_len, st.layer
-  return lengths + [length] * (num_layers - start)
-
-
 def kv_bytes(text_cfg, lengths, batch: int, data: int, itemsize: int) -> int:
   """Bytes of one device's keys and values (the batch split along `data` when it divides)."""
   per_b = batch // data if batch % data == 0 else batch
@@ -106,10 +94,10 @@ def plan(name: str, mesh: dict, preset: str, batch: int, seq: int | None, dtype:
   text = getattr(cfg, "text", cfg)
   n_params, p_bytes = param_bytes(family, cfg, preset, mesh, itemsize)
   sched = schedule_lib.parse(schedule) if schedule else ()
-  unpruned = kv_bytes(text, kv_lengths((), text.num_layers, seq, visual, batch), batch,
-                      mesh["data"], itemsize)
-  pruned = kv_bytes(text, kv_lengths(sched, text.num_layers, seq, visual, batch), batch,
-                    mesh["data"], itemsize)
+  # Every layer's KV length is its token count: the text plus the visual tokens it still holds.
+  lengths = lambda s: flops_lib.tokens_per_layer(s, seq - visual, visual, text.num_layers)
+  unpruned = kv_bytes(text, lengths(()), batch, mesh["data"], itemsize)
+  pruned = kv_bytes(text, lengths(sched), batch, mesh["data"], itemsize)
   return {"config": name, "family": family, "mesh": mesh, "sharding": preset, "dtype": dtype,
           "batch": batch, "seq": seq, "visual": visual, "schedule": schedule or None,
           "params": n_params, "devices": math.prod(mesh.values()),

@@ -2,8 +2,9 @@
 
 Every params leaf's logical axes come from its family's converter rule table (`Rule.axes`), the
 one place that already lists every leaf and its shape. A preset maps logical names to mesh axes;
-model code names no mesh axis: it calls `constrain(x, "batch", ...)` at segment boundaries,
-which is a no-op unless a mesh is active (`activate`).
+model code names no mesh axis: it calls `constrain(x, "batch", ...)` on the residual stream of
+every decoder and CLIP layer and on the KV caches, which is a no-op unless a mesh is active
+(`activate`).
 
 Meshes have two axes, `data` (the batch) and `model`:
   dp    params replicated, the batch split along `data`;
@@ -37,6 +38,7 @@ PRESETS = {
     "tp": {"batch": ("data",), "heads": ("model",), "kv": ("model",), "mlp": ("model",),
            "vocab": ("model",)},
 }
+ACTIVATIONS = {"batch": ("data",)}   # what `constrain` pins, under every preset
 
 
 def preset(name: str) -> dict:
@@ -131,7 +133,7 @@ def param_specs(rule_table, preset_name: str, mesh_sizes: dict[str, int]) -> dic
   """The params tree of PartitionSpecs for a family's rule table under a preset."""
   rules = preset(preset_name)
   return unflatten({path: spec(shape, axes, rules, mesh_sizes)
-                for path, (axes, shape) in logical_axes(rule_table).items()})
+                    for path, (axes, shape) in logical_axes(rule_table).items()})
 
 
 def param_shardings(rule_table, mesh: Mesh, preset_name: str) -> dict:
@@ -184,20 +186,21 @@ def constrain(x, *axes):
   if mesh is None:
     return x
   sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
-  return jax.lax.with_sharding_constraint(x, spec(x.shape, axes, PRESETS["dp"], sizes))
+  return jax.lax.with_sharding_constraint(x, spec(x.shape, axes, ACTIVATIONS, sizes))
 
 
-def place_batch(arrays: dict, batch: int) -> dict:
-  """Host input arrays on the active mesh: those whose leading dimension is the batch are split
-  along `data` (when it divides the batch), the others replicated. Unchanged without a mesh."""
-  mesh = jax.sharding.get_mesh() if active_mesh() is not None else None
-  if mesh is None or mesh.empty:
+def place_batch(arrays, batch: int):
+  """A pytree of host input arrays on the active mesh: arrays whose leading dimension is the
+  batch are split along `data` (when it divides the batch), the others replicated. Unchanged
+  without a mesh."""
+  if active_mesh() is None:
     return arrays
+  mesh = jax.sharding.get_mesh()
   sizes = dict(zip(mesh.axis_names, mesh.devices.shape))
 
   def put(x):
-    x = np.asarray(x) if not isinstance(x, jax.Array) else x
+    x = x if isinstance(x, jax.Array) else np.asarray(x)
     axes = ("batch",) if x.ndim and x.shape[0] == batch else ()
-    s = spec(x.shape, axes + (None,) * (x.ndim - len(axes)), PRESETS["dp"], sizes)
+    s = spec(x.shape, axes + (None,) * (x.ndim - len(axes)), ACTIVATIONS, sizes)
     return jax.device_put(x, NamedSharding(mesh, s))
   return jax.tree.map(put, arrays)

@@ -56,7 +56,6 @@ def run_range(dec: Decoder, params, state: TokenState, start: int, end: int,
   Returns (Segment, LayersOut): `.last` maps each need to its capture from layer end-1.
   `max_new=None` builds no KV cache (plain forward)."""
   b, n = state.valid.shape
-  state = state.replace(hidden=sharding.constrain(state.hidden, "batch"))  # a segment boundary
   kv_valid = None if max_new is None else jnp.concatenate(
       [state.valid, jnp.zeros((b, max_new), bool)], axis=1)
   valid = state.valid if kv_valid is None else kv_valid
@@ -64,6 +63,7 @@ def run_range(dec: Decoder, params, state: TokenState, start: int, end: int,
   kv = None
   if max_new is not None:
     shape = (end - start, *dec.kv_shape(b, n + max_new))
+    # On a mesh the caches are split by batch (each decoder layer pins its input the same way).
     zeros = sharding.constrain(jnp.zeros(shape, state.hidden.dtype), None, "batch")
     kv = (zeros, zeros)
   out = dec.run(params, state.hidden, state.positions, mask, kv, 0, start, end,

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from jaxmm.analysis import ecl, horizon
-from jaxmm.cli import main, module_main
+from jaxmm.cli import main
 from jaxmm.data import digits_vqa
 from jaxmm.eval import vqa as eval_vqa
 from jaxmm.pruning import schedule as schedule_lib
@@ -60,8 +60,8 @@ def test_schedule_follows_the_measured_layers_and_meets_the_budget(setup, capsys
   assert hs == [c["horizon"] for c in per_cat.values()]
   sched = schedule_lib.parse(res["schedule"])
   assert sched[0].method == "entropy" and sched[0].layer == 2
-  late = max((h for h in hs if h is not None), default=None)
-  if late is not None and 2 < late < 6:
+  late = None if None in hs else max(hs)
+  if late is not None and late > 2:
     assert sched[1].method == "random" and sched[1].layer == late
   else:
     assert len(sched) == 1
@@ -71,6 +71,16 @@ def test_schedule_follows_the_measured_layers_and_meets_the_budget(setup, capsys
   assert res["average_visual"] <= 8.0
   assert {c["rule"] for c in res["choices"]} == {"ecl", "horizon"}
   assert "jaxmm's own" in res["definitions"]["horizon"]
+
+
+def test_layer_rules():
+  from jaxmm.eval.calibrate import choose
+  assert choose("entropy", 2, {"all": 4, "count": 3})[0] == "entropy@2:?,random@4:13%"
+  assert choose("entropy", 2, {"all": 4, "count": None})[0] == "entropy@2:?"  # count never
+  assert choose("entropy", 3, {"all": 3})[0] == "entropy@3:?"      # no horizon after the stage
+  assert choose("fastv", 0, {"all": 5})[0] == "fastv@1:?,random@5:13%"   # FastV's lowest K
+  template, why = choose("divprune", 4, {"all": 2})
+  assert template == "divprune@0:?,random@2:13%" and why[0]["rule"] == "reference"
 
 
 def test_deterministic_and_usable_as_a_schedule_file(setup, tmp_path):
