@@ -14,7 +14,9 @@ key, or else from the model's own greedy answer), then chooses:
     13% of the tokens that enter it (pruning.md §10.6); no random stage when a category never
     reaches its horizon, or when none falls after the scored stage;
   - the scored stage's keep solved so that the layer-averaged visual-token count meets the
-    budget (`schedule.solve_keep`, the largest keep at most the budget).
+    budget (`schedule.solve_keep`, the largest keep at most the budget); when the layers before
+    the ECL alone average more than the budget, the scored stage moves to the latest earlier
+    layer that can meet it (as `schedule.from_budget` moves K), and the output says so.
 The file holds the schedule text (accepted wherever a schedule is, as `--schedule @FILE`), the
 measurements behind it and the rule that picked each layer. The ECL and horizon rules are
 jaxmm's own (see their `definitions`). Deterministic for a given model, data and seed.
@@ -92,6 +94,18 @@ def own_answers(m, rows, image_folder) -> dict:
           for l in lines}
 
 
+def template(method: str, layer: int, late: int | None) -> str:
+  """The schedule shape with its one free keep: the scored stage, then random at `late`."""
+  return f"{method}@{layer}:?" + ("" if late is None else f",random@{late}:{RANDOM_SHARE}")
+
+
+def categories(horizons: dict) -> dict:
+  """The per-category horizons; the pooled "all" entry only when the questions have no
+  categories (then it is the one category)."""
+  own = {c: h for c, h in horizons.items() if c != "all"}
+  return own or horizons
+
+
 def choose(method: str, ecl_layer: int, horizons: dict) -> tuple[str, list]:
   """(schedule template with one free keep, [choice records]) from the measured layers."""
   if method == "divprune":
@@ -101,6 +115,7 @@ def choose(method: str, ecl_layer: int, horizons: dict) -> tuple[str, list]:
     why = (f"the Entropy Collapse Layer {ecl_layer} (largest drop of the mean token-wise "
            f"entropy); tokens are ranked by layer-{k - 1} quantities just before it")
   choices = [{"stage": method, "layer": k, "rule": rule, "reason": why}]
+  horizons = categories(horizons)
   never = sorted(c for c, h in horizons.items() if h is None)
   latest = None if never else max(horizons.values(), default=None)
   if latest is None or latest <= k:
@@ -108,48 +123,86 @@ def choose(method: str, ecl_layer: int, horizons: dict) -> tuple[str, list]:
            f"no category horizon falls after layer {k} ({horizons})")
     choices.append({"stage": "random", "layer": None, "rule": "horizon",
                     "reason": why + ": no random stage"})
-    return f"{method}@{k}:?", choices
+    return template(method, k, None), choices
   choices.append({"stage": "random", "layer": latest, "rule": "horizon",
                   "reason": f"the latest category horizon ({horizons}): beyond it a lone 2x2 "
                             f"window no longer moves any category's answer; keeps "
                             f"{RANDOM_SHARE} of the tokens entering it"})
-  return f"{method}@{k}:?,random@{latest}:{RANDOM_SHARE}", choices
+  return template(method, k, latest), choices
+
+
+def solve(method: str, choices: list, target: float, n_visual: int, n_l: int):
+  """The schedule meeting `target`: the chosen layers, or, when the scored stage's first layers
+  alone average more than the budget, that stage moved to the latest earlier layer that can meet
+  it (the reason is added to its choice record). Raises InputError when no layer can."""
+  k, late = choices[0]["layer"], choices[1]["layer"]
+  error = None
+  for layer in range(k, schedule_lib.min_layer(method) - 1, -1):
+    try:
+      sched = schedule_lib.solve_keep(template(method, layer, late), target, n_visual, n_l)
+    except InputError as e:
+      error = error or e
+      continue
+    if layer != k:
+      choices[0] = {**choices[0], "layer": layer, "rule": choices[0]["rule"] + "+budget",
+                    "reason": choices[0]["reason"] + f"; moved to layer {layer} (ranked by "
+                    f"layer-{layer - 1} quantities): from layer {k} the first layers alone "
+                    f"average more than the budget {target:g}"}
+    return sched
+  raise error
+
+
+def measure(m, rows, pr, image_folder, key: dict | None, tau: float = 0.05,
+            horizon_limit: int = 32) -> dict:
+  """The model's ECL curve and per-category horizons on calibration questions (no budget yet).
+
+  `key`: {question_id: {"answer", "category"}}, or None for the model's own greedy answers.
+  """
+  n_visual = visual_count(m, rows, pr, image_folder)
+  if key is None:
+    key, source = own_answers(m, rows, image_folder), "the model's own greedy answers"
+  else:
+    missing = [r["question_id"] for r in rows if r["question_id"] not in key]
+    if missing:
+      raise InputError(f"the answer key has no answer for question(s) {missing[:5]}")
+    source = "answer key"
+  ecl = analyze_ecl.analyze(m, rows, pr, image_folder)
+  probe = [r for r in rows if r["question_id"] in key][:horizon_limit]
+  hz = analyze_horizon.analyze(m, probe, pr, image_folder, key, tau)
+  return {"model": str(m.path), "questions": len(rows), "answers": source,
+          "visual_tokens": n_visual, "num_layers": m.config.text.num_layers,
+          "ecl": {k: ecl[k] for k in ("ecl_layer", "mean_token_entropy", "drops", "rule",
+                                      "ecl_layer_trace_normalised")},
+          "horizon": {"tau": tau, "questions": len(probe), "layers": hz["layers"],
+                      "per_category": {c: {"horizon": st["horizon"], "mean_abs": st["mean_abs"]}
+                                       for c, st in hz["categories"].items()}}}
+
+
+def plan(meas: dict, method: str, budget: str) -> dict:
+  """The schedule for `method` at `budget` (a count or a share, --budget's form) from `measure`'s
+  measurements: the layers by `choose`, the free keep by `schedule.solve_keep`."""
+  n_visual, n_l = meas["visual_tokens"], meas["num_layers"]
+  target = budget_tokens(budget, n_visual)
+  horizons = {c: st["horizon"] for c, st in meas["horizon"]["per_category"].items()}
+  _, choices = choose(method, meas["ecl"]["ecl_layer"], horizons)
+  sched = solve(method, choices, target, n_visual, n_l)
+  text = ",".join(f"{st.method}@{st.layer}:{st.keep}" for st in sched)
+  shape = template(method, choices[0]["layer"], choices[1]["layer"])
+  return {"schedule": text, "template": shape, "budget": budget, "budget_tokens": target,
+          "visual_tokens": n_visual, "num_layers": n_l,
+          "average_visual": schedule_lib.average_visual(sched, n_l), "method": method,
+          "choices": choices, "model": meas["model"], "questions": meas["questions"],
+          "answers": meas["answers"],
+          "measurements": {"ecl": meas["ecl"], "horizon": meas["horizon"]},
+          "definitions": {**analyze_ecl.DEFINITIONS, **analyze_horizon.DEFINITIONS}}
 
 
 def calibrate(args) -> dict:
   parse_budget(args.budget)
   m, rows, pr = common.load(args)
-  n_visual = visual_count(m, rows, pr, args.image_folder)
-  target = budget_tokens(args.budget, n_visual)
-  if args.answer_key:
-    key = vqa.read_answer_key(args.answer_key)
-    missing = [r["question_id"] for r in rows if r["question_id"] not in key]
-    if missing:
-      raise InputError(f"answer key {args.answer_key} has no answer for question(s) "
-                       f"{missing[:5]}")
-  else:
-    key = own_answers(m, rows, args.image_folder)
-  ecl = analyze_ecl.analyze(m, rows, pr, args.image_folder)
-  probe = [r for r in rows if r["question_id"] in key][:args.horizon_limit]
-  hz = analyze_horizon.analyze(m, probe, pr, args.image_folder, key, args.tau)
-  horizons = {c: s["horizon"] for c, s in hz["categories"].items()}
-  n_l = m.config.text.num_layers
-  template, choices = choose(args.method, ecl["ecl_layer"], horizons)
-  sched = schedule_lib.solve_keep(template, target, n_visual, n_l)
-  text = ",".join(f"{s.method}@{s.layer}:{s.keep}" for s in sched)
-  return {"schedule": text, "template": template, "budget": args.budget,
-          "budget_tokens": target, "visual_tokens": n_visual, "num_layers": n_l,
-          "average_visual": schedule_lib.average_visual(sched, n_l), "method": args.method,
-          "choices": choices, "model": str(m.path), "questions": len(rows),
-          "answers": "answer key" if args.answer_key else "the model's own greedy answers",
-          "measurements": {
-              "ecl": {k: ecl[k] for k in ("ecl_layer", "mean_token_entropy", "drops", "rule",
-                                          "ecl_layer_trace_normalised")},
-              "horizon": {"tau": args.tau, "questions": len(probe), "layers": hz["layers"],
-                          "per_category": {c: {"horizon": s["horizon"],
-                                               "mean_abs": s["mean_abs"]}
-                                           for c, s in hz["categories"].items()}}},
-          "definitions": {**analyze_ecl.DEFINITIONS, **analyze_horizon.DEFINITIONS}}
+  key = vqa.read_answer_key(args.answer_key) if args.answer_key else None
+  meas = measure(m, rows, pr, args.image_folder, key, args.tau, args.horizon_limit)
+  return plan(meas, args.method, args.budget)
 
 
 def run(args) -> int:

@@ -6,22 +6,33 @@
 Trains the preset's model (`jaxmm.train.vlm.ensure_model`) unless it is cached under the cache folder
 (--cache, else env JAXMM_CACHE, else cache/ at the repo root), writes the digits-VQA test split
 there once (one cell, count and presence question per image), loads the model once and answers
-the split unpruned and under 15 schedules: each method at keep budgets p = 33/22/11% of the
-visual tokens (48/32/16 of 144, the analogue of LLaVA-1.5's 192/128/64 of 576):
+the split unpruned and under 15 schedules: every method at the same three budgets, stated as the
+*layer-averaged* visual tokens (1/L) Σ_l N_vis(l) (pruning.md §1): 50 / 42 / 33% of them (72 / 60
+/ 48 of 144). Each schedule's keep is solved for the budget (`schedule.from_budget`, or
+`schedule.solve_keep` for the two-stage mix): its average is at most the budget and as close to
+it as a whole keep allows. In 8 layers a stage at K = 2 averages at least 2·144/8 = 36 tokens, so
+LLaVA-1.5's 192/128/64-of-576 analogues (48/32/16) are not all reachable at the reference layer;
+48 is the lowest budget every method meets there.
 
-  entropy@K, fastv@K     keep p% before layer K = min(2, L-1): the spec's K = 2 (pruning.md §3.2,
-                         §6), clamped for shallow test models
+  entropy@K, fastv@K     prune before layer K = min(2, L-1): the spec's K = 2 (pruning.md §3.2,
+                         §6), clamped for shallow test models; a budget out of reach at K
+                         (a shallow model's) is skipped and listed, not moved to another layer
   random@K               the same layer and keep, positions `preserve` like the two above: the
-                         selection-free control of entropy and fastv (one draw, seed 0)
-  divprune@0             keep p% at the LLM input (§5)
-  divprune@0,random@L_r  the hybrid of §4.2 / §10.6 with the *layer-averaged* visual tokens as
-                         close as possible to p% of them (`mix_stages`); positions `compact`
+                         selection-free control of entropy and fastv
+  divprune@0             at the LLM input (§5)
+  divprune@0,random@L_r  the hybrid of §4.2 / §10.6: random at L_r = round(0.625 L) keeping 13%
+                         of the DivPrune tokens; positions `compact`
+
+Schedules with a random stage run once per seed of RANDOM_SEEDS (0, 1, 2); their rows are the
+mean ± sample std over those draws (the reference averages 3 random runs). Runs are
+deterministic on one machine.
 
 Per schedule: exact-match accuracy per category and overall, retention (% of the unpruned
 overall accuracy), the prefill FLOPs reduction (`jaxmm.flops`, convention B, decoder layers
 only) and the prefill latency ratio to unpruned (`jaxmm.eval.prune_bench.prefill_times`: one fixed
-batch, runs of all schedules interleaved, medians). Prints the table and the wall time; writes
-(atomically) RESULTS/demo.json and RESULTS/demo_accuracy_vs_flops.png.
+batch, runs of all schedules interleaved, medians). Prints the table, how far one trained model may sit from
+the README's multi-model table (docs/demo_seeds.json, written by eval/demo_seeds.py) and the
+wall time; writes (atomically) RESULTS/demo.json and RESULTS/demo_accuracy_vs_flops.png.
 """
 import argparse
 import dataclasses
@@ -43,16 +54,19 @@ from jaxmm.eval import prune_bench
 from jaxmm.eval import vqa as eval_vqa
 from jaxmm import checkpoint, flops
 from jaxmm.data import digits_vqa, prompts, vqa
+from jaxmm.errors import InputError
 from jaxmm.pruning import schedule as schedule_lib
 from jaxmm.train import vlm
 
 ROOT = Path(__file__).resolve().parents[1]
-BUDGETS = (33, 22, 11)          # keep, % of the visual tokens
+BUDGETS = (50, 42, 33)          # layer-averaged visual tokens, % (72 / 60 / 48 of 144)
+RANDOM_SEEDS = (0, 1, 2)        # schedules with a random stage: mean ± std over these draws
 SCORED_LAYER = 2                # EntropyPrune's and FastV's K (pruning.md §3.2, §6)
 MIX_LATE = 0.625                # the random stage of the mix at round(0.625 L) (§10.6)
 MIX_RATIO = 0.13                # ... keeping about 0.13 of the DivPrune stage's tokens
 CONVENTION = "B"
 CATEGORIES = ("cell", "count", "presence")
+SEEDS_SUMMARY = ROOT / "docs" / "demo_seeds.json"   # eval/demo_seeds.py's spread, for the note
 METHODS = ("entropy", "fastv", "random", "divprune", "divprune+random")
 
 
@@ -71,47 +85,56 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 # ---- configurations -----------------------------------------------------------------------------
 
-def _round(x: float) -> int:
-  return math.floor(x + 0.5)
+def budget_tokens(pct: int, n_visual: int) -> int:
+  """A budget in % of the visual tokens as a layer-averaged count, rounded half up."""
+  return schedule_lib.keep_count(f"{pct}%", n_visual)
 
 
-def mix_stages(target: int, n_visual: int, num_layers: int) -> tuple[int, int, int]:
-  """(L_r, k1, k2) of `divprune@0:k1,random@L_r:k2` averaging about `target` visual tokens.
-
-  L_r = round(0.625 L) (kept in [1, L-1]); k2 = round(0.13 k1), at least 1 (pruning.md §10.6);
-  k1 in 1..n_visual minimises |(L_r k1 + (L - L_r) k2) / L - target|, ties to the smaller k1.
-  """
-  L = num_layers
-  late = min(max(_round(MIX_LATE * L), 1), L - 1)
-  second = lambda k1: min(k1, max(1, _round(MIX_RATIO * k1)))
-  average = lambda k1: (late * k1 + (L - late) * second(k1)) / L
-  k1 = min(range(1, n_visual + 1), key=lambda k: (abs(average(k) - target), k))
-  return late, k1, second(k1)
+def mix_template(num_layers: int) -> str:
+  """`divprune@0:?,random@L_r:13%` with L_r = round(0.625 L) in [1, L-1] (pruning.md §10.6)."""
+  late = min(max(math.floor(MIX_LATE * num_layers + 0.5), 1), num_layers - 1)
+  return f"divprune@0:?,random@{late}:{round(100 * MIX_RATIO)}%"
 
 
-def schedule_text(method: str, pct: int, n_visual: int, num_layers: int) -> str:
-  """The schedule of one (method, keep %) cell of the table, in the text form."""
-  scored = min(SCORED_LAYER, num_layers - 1)
+def method_schedule(method: str, avg: int, n_visual: int, num_layers: int):
+  """The resolved schedule of one (method, budget) cell: its layer-averaged visual-token count is
+  at most `avg` and as close to it as its keep allows (`schedule.from_budget`, or
+  `schedule.solve_keep` for the mix). Scored methods and their random control prune before
+  layer K = min(2, L-1), divprune at layer 0; InputError when the budget is out of reach there."""
   if method == "divprune+random":
-    late, k1, k2 = mix_stages(schedule_lib.keep_count(f"{pct}%", n_visual), n_visual, num_layers)
-    return f"divprune@0:{k1},random@{late}:{k2}"
-  return f"{method}@{0 if method == 'divprune' else scored}:{pct}%"
+    return schedule_lib.solve_keep(mix_template(num_layers), avg, n_visual, num_layers)
+  layer = 0 if method == "divprune" else min(SCORED_LAYER, num_layers - 1)
+  positions = "preserve" if method == "random" else None
+  sched = schedule_lib.from_budget(method, layer, avg, n_visual, num_layers, positions)
+  if sched[0].layer != layer:   # from_budget moved it earlier; the row would not be comparable
+    raise InputError(f"{method} cannot average {avg} visual tokens from layer {layer}")
+  return sched
 
 
-def configurations(n_visual: int, num_layers: int) -> list[dict]:
-  """[{method, budget_pct, schedule}]: unpruned (schedule ()), then every method x budget.
-
-  Schedules are resolved (integer keeps); single-stage random uses positions `preserve`, like
-  the entropy and fastv stages it is the control of; the mix keeps each method's default.
-  """
-  out = [{"method": "unpruned", "budget_pct": 100, "schedule": ()}]
+def configurations(n_visual: int, num_layers: int) -> tuple[list[dict], list[str]]:
+  """([{method, budget_pct, budget, schedule}], [unreachable cells]): unpruned (schedule ()),
+  then every method at every layer-averaged budget it can meet with at least one token kept per
+  stage (a shallow model's first layers alone may average more than a budget). Single-stage
+  random uses positions `preserve`, like the entropy and fastv stages it is the control of; the
+  mix keeps each method's default."""
+  out = [{"method": "unpruned", "budget_pct": 100, "budget": n_visual, "schedule": ()}]
+  unreachable = []
   for method in METHODS:
     for pct in BUDGETS:
-      text = schedule_text(method, pct, n_visual, num_layers)
-      parsed = schedule_lib.parse(text, positions="preserve" if method == "random" else None)
-      out.append({"method": method, "budget_pct": pct,
-                  "schedule": schedule_lib.resolve(parsed, n_visual, num_layers)})
-  return out
+      avg = budget_tokens(pct, n_visual)
+      try:
+        sched = method_schedule(method, avg, n_visual, num_layers)
+      except InputError:
+        sched = None
+      if sched is None or any(st.keep < 1 for st in sched):
+        unreachable.append(f"{method} at {avg} of {n_visual} ({num_layers} layers)")
+        continue
+      out.append({"method": method, "budget_pct": pct, "budget": avg, "schedule": sched})
+  return out, unreachable
+
+
+def is_random(sched) -> bool:
+  return any(st.method == "random" for st in sched)
 
 
 # ---- data and model -----------------------------------------------------------------------------
@@ -148,16 +171,21 @@ def timing_batch(m, split: dict, batch: int) -> dict:
 
 # ---- measurements -------------------------------------------------------------------------------
 
-def evaluate_all(m, split: dict, confs: list[dict], batch: int, max_new_tokens: int) -> list[dict]:
-  """jaxmm.eval.vqa.evaluate of every configuration (one fixed batch shape); prints a line each."""
+def evaluate_all(m, split: dict, confs: list[dict], batch: int, max_new_tokens: int,
+                 seeds=RANDOM_SEEDS) -> list[list[dict]]:
+  """jaxmm.eval.vqa.evaluate of every configuration (one fixed batch shape), once per seed for
+  schedules with a random stage, else once (seed 0); prints a line each."""
   out = []
   for c in confs:
-    res = eval_vqa.evaluate(m, split["questions"], split["images"], split["answers"],
-                            schedule=c["schedule"], batch_size=batch, progress=False,
-                            max_new_tokens=max_new_tokens)
-    print(f"  {prune_bench.sched_text(c['schedule']):<28} overall {100 * res['overall']:6.2f}%"
-          f"  ({res['timing']['total_s']:.1f} s)", flush=True)
-    out.append(res)
+    runs = []
+    for seed in (seeds if is_random(c["schedule"]) else seeds[:1]):
+      res = eval_vqa.evaluate(m, split["questions"], split["images"], split["answers"],
+                              schedule=c["schedule"], batch_size=batch, progress=False,
+                              max_new_tokens=max_new_tokens, seed=seed)
+      print(f"  {prune_bench.sched_text(c['schedule']):<28} seed {seed}  overall "
+            f"{100 * res['overall']:6.2f}%  ({res['timing']['total_s']:.1f} s)", flush=True)
+      runs.append(res)
+    out.append(runs)
   return out
 
 
@@ -176,64 +204,114 @@ def _pct(x):
   return None if x is None or math.isnan(x) else 100 * x
 
 
-def table_row(c: dict, res: dict, t: float, base: dict) -> dict:
+def _mean_std(xs: list) -> tuple:
+  """(mean, sample std or None for one value) of the values that are not None."""
+  xs = [x for x in xs if x is not None]
+  if not xs:
+    return None, None
+  return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else None)
+
+
+def accuracy_fields(runs: list[dict], base_overall: float | None) -> dict:
+  """Accuracies (%) of one configuration: the mean over its seeds, the std when there are
+  several (random stages), per seed, and the retention of the mean."""
+  cat = {k: _mean_std([_pct(r["per_category"].get(k)) for r in runs]) for k in CATEGORIES}
+  per_seed = [_pct(r["overall"]) for r in runs]
+  overall, std = _mean_std(per_seed)
+  return {"accuracy_pct": {k: v[0] for k, v in cat.items()},
+          "accuracy_std_pct": {k: v[1] for k, v in cat.items()},
+          "overall_pct": overall, "overall_std_pct": std, "overall_per_seed_pct": per_seed,
+          "seeds": list(RANDOM_SEEDS[:len(runs)]) if len(runs) > 1 else None,
+          "retention_pct": (100 * overall / (100 * base_overall)
+                            if base_overall and overall is not None else None)}
+
+
+def table_row(c: dict, runs: list[dict], t: float | None, base: dict) -> dict:
   """One JSON row (accuracies, retention and FLOPs reduction in %). `base`: the unpruned
-  "overall" accuracy and prefill "time", and "n_text" (per timed prompt), "n_visual", "dims"
-  for the FLOPs, counted per prompt from its own text length and averaged."""
-  s, acc = c["schedule"], res["overall"]
-  retention = 100.0 if not s else (100 * acc / base["overall"] if base["overall"] else None)
+  "overall" accuracy and prefill "time" (None: not timed), and "n_text" (per timed prompt),
+  "n_visual", "dims" for the FLOPs, counted per prompt from its own text length and averaged."""
+  s = c["schedule"]
   n_vis = [base["n_visual"]] * len(base["n_text"])
   red = flops.batch_reduction(s, base["n_text"], n_vis, base["dims"], CONVENTION)
   avg = schedule_lib.average_visual(s, base["dims"].num_layers) if s else base["n_visual"]
-  return {"method": c["method"], "budget_pct": c["budget_pct"],
+  acc = accuracy_fields(runs, base["overall"])
+  if not s:
+    acc["retention_pct"] = 100.0
+  return {"method": c["method"], "budget_pct": c["budget_pct"], "budget": c["budget"],
           "schedule": prune_bench.sched_text(s), "average_visual": avg,
           "stages": [{"method": st.method, "layer": st.layer, "keep": st.keep,
                       "positions": st.positions} for st in s],
-          "accuracy_pct": {k: _pct(res["per_category"].get(k)) for k in CATEGORIES},
-          "overall_pct": _pct(acc), "retention_pct": retention, "flops_reduction_pct": 100 * red,
-          "latency_median_s": t, "latency_ratio": t / base["time"],
-          "eval_s": res["timing"]["total_s"]}
+          **acc, "flops_reduction_pct": 100 * red, "latency_median_s": t,
+          "latency_ratio": None if t is None else t / base["time"],
+          "eval_s": sum(r["timing"]["total_s"] for r in runs)}
 
 
-def benchmark(m, split: dict, batch: int, args) -> dict:
-  """Every configuration's row, plus what they share (n_text, convention, timings)."""
+def benchmark(m, split: dict, batch: int, args, timing: bool = True) -> dict:
+  """Every configuration's row, plus what they share (n_text, convention, timings). Without
+  `timing` the latency columns are None (the FLOPs still count the timing batch's prompts)."""
   n_vis, dims = m.config.num_image_tokens, flops.Dims.from_config(m.config)
-  confs = configurations(n_vis, dims.num_layers)
+  confs, unreachable = configurations(n_vis, dims.num_layers)
+  for cell in unreachable:
+    print(f"  skipped: {cell}: the budget is below what the method's layer allows", flush=True)
   t0 = time.perf_counter()
   results = evaluate_all(m, split, confs, batch, args.max_new_tokens)
   t1 = time.perf_counter()
-  times, n_text = latencies(m, split, confs, batch, args.runs)
-  base = {"overall": results[0]["overall"], "time": times[0], "n_text": n_text,
+  if timing:
+    times, n_text = latencies(m, split, confs, batch, args.runs)
+  else:
+    times = [None] * len(confs)
+    n_text = prune_bench.prefill_inputs(m, timing_batch(m, split, batch))[2].text_B
+  base = {"overall": results[0][0]["overall"], "time": times[0], "n_text": n_text,
           "n_visual": n_vis, "dims": dims}
   return {"rows": [table_row(*x, base) for x in zip(confs, results, times)],
-          "questions": results[0]["questions"], "visual_tokens": n_vis,
-          "num_layers": dims.num_layers, "n_text": float(np.mean(n_text)),
-          "n_text_per_prompt": n_text.tolist(), "flops_convention": CONVENTION,
+          "questions": results[0][0]["questions"], "visual_tokens": n_vis,
+          "num_layers": dims.num_layers, "unreachable": unreachable,
+          "n_text": float(np.mean(n_text)),
+          "n_text_per_prompt": np.asarray(n_text).tolist(), "flops_convention": CONVENTION,
           "batch_size": batch, "max_new_tokens": args.max_new_tokens,
-          "latency_runs": args.runs, "eval_s": t1 - t0, "latency_s": time.perf_counter() - t1}
+          "latency_runs": args.runs if timing else 0, "random_seeds": list(RANDOM_SEEDS),
+          "eval_s": t1 - t0, "latency_s": time.perf_counter() - t1}
 
 
 # ---- output -------------------------------------------------------------------------------------
 
-def _cell(x, fmt: str) -> str:
-  return "-" if x is None else format(x, fmt)
+def _cell(x, fmt: str, std=None) -> str:
+  if x is None:
+    return "-"
+  return format(x, fmt) + ("" if std is None else "±" + format(std, fmt))
 
 
 def print_table(res: dict) -> None:
   print(f"\n{res['questions']} questions, {res['visual_tokens']} visual tokens, "
-        f"{res['num_layers']} decoder layers; FLOPs convention {res['flops_convention']} "
-        f"per prompt from its own text (n_text {min(res['n_text_per_prompt'])}-"
-        f"{max(res['n_text_per_prompt'])}), "
-        f"averaged; latency: batch {res['batch_size']}, median of "
-        f"{res['latency_runs']} interleaved runs")
-  print(f"{'method':<16}{'keep %':>7}{'schedule':>30}{'avg vis':>8}{'cell':>7}{'count':>7}"
-        f"{'pres.':>7}{'overall':>8}{'retain %':>9}{'FLOPs -%':>9}{'time x':>7}")
+        f"{res['num_layers']} decoder layers; budget = the layer-averaged visual tokens; random "
+        f"rows: mean±std over seeds {res['random_seeds']}; FLOPs convention "
+        f"{res['flops_convention']} per prompt from its own text (n_text "
+        f"{min(res['n_text_per_prompt'])}-{max(res['n_text_per_prompt'])}), averaged; latency: "
+        f"batch {res['batch_size']}, median of {res['latency_runs']} interleaved runs")
+  print(f"{'method':<16}{'budget':>7}{'schedule':>30}{'avg vis':>8}{'cell':>11}{'count':>11}"
+        f"{'pres.':>11}{'overall':>11}{'retain %':>9}{'FLOPs -%':>9}{'time x':>7}")
   for r in res["rows"]:
-    a = r["accuracy_pct"]
-    print(f"{r['method']:<16}{r['budget_pct']:>7}{r['schedule']:>30}{r['average_visual']:>8.1f}"
-          + "".join(f"{_cell(a[k], '.1f'):>7}" for k in CATEGORIES)
-          + f"{_cell(r['overall_pct'], '.1f'):>8}{_cell(r['retention_pct'], '.1f'):>9}"
-          f"{r['flops_reduction_pct']:>9.1f}{r['latency_ratio']:>7.2f}")
+    a, sd = r["accuracy_pct"], r["accuracy_std_pct"]
+    print(f"{r['method']:<16}{r['budget']:>7}{r['schedule']:>30}{r['average_visual']:>8.1f}"
+          + "".join(f"{_cell(a[k], '.1f', sd[k]):>11}" for k in CATEGORIES)
+          + f"{_cell(r['overall_pct'], '.1f', r['overall_std_pct']):>11}"
+          f"{_cell(r['retention_pct'], '.1f'):>9}{r['flops_reduction_pct']:>9.1f}"
+          f"{_cell(r['latency_ratio'], '.2f'):>7}")
+
+
+def print_spread_note(path: Path = SEEDS_SUMMARY) -> None:
+  """How far this one trained model's rows may sit from the README's multi-model table."""
+  if not path.is_file():
+    return
+  summ = json.loads(path.read_text())
+  print(f"This table is one trained model. The README's table is the mean ± std over "
+        f"{summ['models']} models trained with seeds {summ['training_seeds']} "
+        f"({path.relative_to(ROOT)}): unpruned overall std {summ['unpruned_std']:.1f} points, "
+        f"pruned rows' std {summ['pruned_std_min']:.1f}-{summ['pruned_std_max']:.1f} points "
+        f"(median {summ['pruned_std_median']:.1f}), so this model's pruned rows may differ from it "
+        f"by that much. The trained weights follow the training seed and XLA's CPU numerics, "
+        f"which differ between instruction sets, and this small model's pruned regime is sensitive "
+        f"to them.")
 
 
 def plot(res: dict, path: Path) -> Path:
@@ -247,13 +325,17 @@ def plot(res: dict, path: Path) -> Path:
   ax.axhline(base, color="black", linestyle="--", linewidth=1, label=f"unpruned ({base:.1f}%)")
   ax.plot([0], [base], "ko")
   for method, marker in zip(METHODS, "o^vsD"):   # entropy, fastv, random share their x
-    pts = sorted((r["flops_reduction_pct"], r["overall_pct"] or 0.0)
+    pts = sorted((r["flops_reduction_pct"], r["overall_pct"] or 0.0, r["overall_std_pct"] or 0.0)
                  for r in rows if r["method"] == method)
-    ax.plot(*zip(*pts), marker=marker, label=method, alpha=0.85)
+    x, y, err = zip(*pts)
+    ax.errorbar(x, y, yerr=err if any(err) else None, marker=marker, label=method, alpha=0.85,
+                capsize=3)
   ax.set_xlim(-3, 100)
   ax.set_xlabel(f"prefill FLOPs reduction (%, convention {res['flops_convention']})")
   ax.set_ylabel("overall accuracy (%)")
-  ax.set_title(f"digits-VQA, {res['questions']} questions, keep {'/'.join(map(str, BUDGETS))}%")
+  budgets = "/".join(str(r["budget"]) for r in rows if r["method"] == METHODS[0])
+  ax.set_title(f"digits-VQA, {res['questions']} questions, average {budgets} of "
+               f"{res['visual_tokens']} visual tokens", fontsize=10)
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
   fig.tight_layout()
@@ -277,6 +359,7 @@ def run(args) -> int:
          **benchmark(m, split, batch, args), "jax_backend": jax.default_backend(),
          "machine": platform.machine(), "cpus": os.cpu_count()}
   print_table(res)
+  print_spread_note()
   res["wall_s"] = {"total": time.perf_counter() - t0, "model": t_model}
   out = Path(args.results)
   checkpoint.write_json(out / "demo.json", res)

@@ -11,6 +11,7 @@ from PIL import Image
 from jaxmm.analysis import ecl, horizon
 from jaxmm.cli import main
 from jaxmm.data import digits_vqa
+from jaxmm.errors import InputError
 from jaxmm.eval import vqa as eval_vqa
 from jaxmm.pruning import schedule as schedule_lib
 from jaxmm.train import vlm
@@ -75,12 +76,29 @@ def test_schedule_follows_the_measured_layers_and_meets_the_budget(setup, capsys
 
 def test_layer_rules():
   from jaxmm.eval.calibrate import choose
-  assert choose("entropy", 2, {"all": 4, "count": 3})[0] == "entropy@2:?,random@4:13%"
+  assert choose("entropy", 2, {"all": 4})[0] == "entropy@2:?,random@4:13%"   # no categories
+  # the latest *category* horizon; the pooled "all" entry is not a category
+  assert choose("entropy", 2, {"all": 6, "cell": 4, "count": 3})[0] == "entropy@2:?,random@4:13%"
   assert choose("entropy", 2, {"all": 4, "count": None})[0] == "entropy@2:?"  # count never
   assert choose("entropy", 3, {"all": 3})[0] == "entropy@3:?"      # no horizon after the stage
   assert choose("fastv", 0, {"all": 5})[0] == "fastv@1:?,random@5:13%"   # FastV's lowest K
   template, why = choose("divprune", 4, {"all": 2})
   assert template == "divprune@0:?,random@2:13%" and why[0]["rule"] == "reference"
+
+
+def test_a_budget_below_the_ecl_floor_moves_the_scored_stage_earlier():
+  from jaxmm.eval.calibrate import choose, solve
+  # 8 layers, 144 tokens, ECL 4: layers 0-3 alone average 72 > 64, so the stage moves to the
+  # latest layer that fits, 3 (K = 2 would fit too), and random at the horizon 6 keeps 13%.
+  _, choices = choose("entropy", 4, {"cell": 6})
+  sched = solve("entropy", choices, 64, 144, 8)
+  assert [str(st) for st in sched] == ["entropy@3:24", "random@6:3"]   # (432 + 72 + 6) / 8
+  assert schedule_lib.average_visual(sched, 8) <= 64
+  assert choices[0]["layer"] == 3 and choices[0]["rule"] == "ecl+budget"
+  assert "moved to layer 3" in choices[0]["reason"]
+  _, choices = choose("entropy", 4, {"cell": None})
+  with pytest.raises(InputError, match="unreachable"):     # layer 1 alone averages 18 > 16
+    solve("entropy", choices, 16, 144, 8)
 
 
 def test_deterministic_and_usable_as_a_schedule_file(setup, tmp_path):
@@ -119,7 +137,6 @@ def test_answer_key_must_match_the_questions(setup, tmp_path, capsys):
 
 
 def test_a_missing_schedule_file_is_a_one_line_error(tmp_path):
-  from jaxmm.errors import InputError
   with pytest.raises(InputError, match="does not exist"):
     schedule_lib.parse(f"@{tmp_path / 'none.json'}")
   (tmp_path / "bad.json").write_text("{}")
