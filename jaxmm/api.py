@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from jaxmm import checkpoint, registry
 from jaxmm import sharding as sharding_lib
 from jaxmm.errors import JaxmmError
+from jaxmm.layers import attention as attention_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,7 +23,8 @@ class Model:
   sharding: str | None = None  # its preset (`jaxmm.sharding.PRESETS`)
 
 
-def load(path, dtype=None, family: str | None = None, mesh=None, sharding: str = "fsdp") -> Model:
+def load(path, dtype=None, family: str | None = None, mesh=None, sharding: str = "fsdp",
+         attention: str | None = None) -> Model:
   """Opens a model folder of any family in `registry.FAMILIES`, written by `jaxmm convert` or by
   training. `dtype` casts float params. `family`: the family the caller expects; a folder of
   another family is a one-line JaxmmError, raised before any params are read.
@@ -32,8 +34,13 @@ def load(path, dtype=None, family: str | None = None, mesh=None, sharding: str =
   see `jaxmm.sharding`), never whole on one device; `forward` and `generate` then split the
   batch along `data`.
 
+  `attention`: the decoder's attention kernel ("xla", "dot", "cudnn"; see
+  `jaxmm.layers.attention.IMPLEMENTATIONS`), default as stored ("xla").
+
   `config` is the family module's `Config.from_dict` of the folder's stored config.
   """
+  if attention is not None:
+    attention_lib.check_implementation(attention)
   meta = checkpoint.read_meta(path)
   if family is not None and meta["family"] != family:
     raise JaxmmError(f"{path} holds a {meta['family']!r} model, not a {family!r} one")
@@ -46,8 +53,11 @@ def load(path, dtype=None, family: str | None = None, mesh=None, sharding: str =
   params = checkpoint.load_params(path, dtype=dtype, shardings=shardings)
   # Compute in the dtype the params are stored in (e.g. a `--dtype bfloat16` conversion).
   leaf = next(x for x in jax.tree.leaves(params) if jnp.issubdtype(x.dtype, jnp.floating))
-  return Model(meta["family"], with_dtype(cfg, jnp.dtype(leaf.dtype).name), params, Path(path),
-               mesh, sharding if mesh is not None else None)
+  cfg = with_dtype(cfg, jnp.dtype(leaf.dtype).name)
+  if attention is not None:
+    cfg = with_text(cfg, attention=attention)
+  return Model(meta["family"], cfg, params, Path(path), mesh,
+               sharding if mesh is not None else None)
 
 
 def shard(m: Model, mesh, sharding: str = "fsdp") -> Model:
@@ -59,11 +69,17 @@ def shard(m: Model, mesh, sharding: str = "fsdp") -> Model:
   return dataclasses.replace(m, params=params, mesh=mesh, sharding=sharding)
 
 
+def with_text(cfg, **fields):
+  """The config with these decoder fields replaced (a vision-language config's `text`; a
+  decoder config itself); configs without them are returned as they are."""
+  if hasattr(cfg, "text") and all(hasattr(cfg.text, f) for f in fields):
+    return dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, **fields))
+  return dataclasses.replace(cfg, **fields) if all(hasattr(cfg, f) for f in fields) else cfg
+
+
 def with_dtype(cfg, dtype: str):
   """The config with its compute dtype set (for LLaVA: the language model's)."""
-  if hasattr(cfg, "text") and hasattr(cfg.text, "dtype"):
-    return dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, dtype=dtype))
-  return dataclasses.replace(cfg, dtype=dtype) if hasattr(cfg, "dtype") else cfg
+  return with_text(cfg, dtype=dtype)
 
 
 def forward(m: Model, **inputs):

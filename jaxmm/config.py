@@ -88,6 +88,7 @@ class LlamaConfig(Serializable):
   eos_token_ids: tuple = (2,)
   pad_token_id: int | None = None
   dtype: str = "float32"              # activation / compute dtype
+  attention: str = "xla"              # the kernel: jaxmm.layers.attention.IMPLEMENTATIONS
 
   @property
   def o_bias(self) -> bool:
@@ -322,6 +323,7 @@ class Qwen2Config(Serializable):
   eos_token_ids: tuple = (151645,)
   pad_token_id: int | None = None
   dtype: str = "float32"              # activation / compute dtype
+  attention: str = "xla"              # the kernel: jaxmm.layers.attention.IMPLEMENTATIONS
 
   def __post_init__(self):
     object.__setattr__(self, "mrope_section", tuple(int(s) for s in self.mrope_section))

@@ -3,15 +3,36 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxmm.errors import InputError
 from jaxmm.layers import rope as rope_lib
 
+# The decoder's attention kernels (`LlamaConfig.attention`; `jaxmm.load(..., attention=)`):
+#   "xla"    jaxmm's einsum form below (every backend; the parity reference);
+#   "dot"    jax.nn.dot_product_attention, letting JAX pick (cuDNN flash attention on a GPU when
+#            the shapes and dtype allow it, else XLA);
+#   "cudnn"  jax.nn.dot_product_attention forced onto cuDNN's fused kernel (GPU, bf16/fp16).
+IMPLEMENTATIONS = ("xla", "dot", "cudnn")
 
-def attend(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask_BxTxS, scale):
+
+def check_implementation(impl: str) -> None:
+  """InputError for an unknown implementation, or for "cudnn" off a GPU backend."""
+  if impl not in IMPLEMENTATIONS:
+    raise InputError(f"attention implementation {impl!r} is unknown (known: "
+                     f"{', '.join(IMPLEMENTATIONS)})")
+  if impl == "cudnn" and jax.default_backend() != "gpu":
+    raise InputError(f"attention 'cudnn' needs a GPU backend; this one is "
+                     f"{jax.default_backend()!r} (use 'xla' or 'dot')")
+
+
+def attend(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask_BxTxS, scale, impl: str = "xla"):
   """Softmax attention with grouped KV heads (H = G * rep). Softmax in float32.
 
   Masked-out keys get the most negative finite value (not -inf), so a fully masked query row
-  (a left-padding slot) yields a uniform average instead of NaN, as in transformers.
+  (a left-padding slot) yields a uniform average instead of NaN, as in transformers. `impl`:
+  one of IMPLEMENTATIONS ("dot" and "cudnn" go through `jax.nn.dot_product_attention`).
   """
+  if impl != "xla":
+    return fused(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask_BxTxS, scale, impl)
   b, t, h, kd = q_BxTxHxK.shape
   g = k_BxSxGxK.shape[2]
   q = q_BxTxHxK.reshape(b, t, g, h // g, kd)
@@ -20,6 +41,15 @@ def attend(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask_BxTxS, scale):
     s = jnp.where(mask_BxTxS[:, None, None], s, jnp.finfo(jnp.float32).min)
   p = jax.nn.softmax(s, axis=-1).astype(v_BxSxGxK.dtype)
   out = jnp.einsum("bgrts,bsgk->btgrk", p, v_BxSxGxK)
+  return out.reshape(b, t, h * kd)
+
+
+def fused(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask_BxTxS, scale, impl: str):
+  """`attend` through jax.nn.dot_product_attention (same layout [B, T, heads, K]; GQA native)."""
+  b, t, h, kd = q_BxTxHxK.shape
+  mask = None if mask_BxTxS is None else mask_BxTxS[:, None]
+  out = jax.nn.dot_product_attention(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask=mask, scale=scale,
+                                     implementation="cudnn" if impl == "cudnn" else None)
   return out.reshape(b, t, h * kd)
 
 
@@ -77,6 +107,7 @@ class CausalSelfAttention(nn.Module):
   dtype: jnp.dtype = jnp.float32
   capture: tuple = ()
   o_bias: bool | None = None    # None: as use_bias (LLaMA); Qwen2 has q/k/v biases and none on o
+  impl: str = "xla"             # the kernel (IMPLEMENTATIONS)
 
   @nn.compact
   def __call__(self, x_BxTxD, sin_cos, mask_BxTxS, cache=None):
@@ -97,7 +128,7 @@ class CausalSelfAttention(nn.Module):
       self.sow("intermediates", "attn_row", last_row(q, k, mask_BxTxS, self.head_dim ** -0.5))
     if "attn_logp" in self.capture:
       self.sow("intermediates", "attn_logp", log_probs(q, k, mask_BxTxS, self.head_dim ** -0.5))
-    out = attend(q, k, v, mask_BxTxS, self.head_dim ** -0.5)
+    out = attend(q, k, v, mask_BxTxS, self.head_dim ** -0.5, self.impl)
     o_bias = self.use_bias if self.o_bias is None else self.o_bias
     return nn.Dense(d, use_bias=o_bias, dtype=self.dtype, name="o")(out), cache
 

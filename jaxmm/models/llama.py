@@ -41,7 +41,7 @@ class DecoderLayer(nn.Module):
     # On a mesh the residual stream stays split by batch: XLA gathers split weights to it.
     x_BxTxD = sharding.constrain(x_BxTxD, "batch")
     attn = CausalSelfAttention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.attention_bias,
-                               dt, self.capture, cfg.o_bias, name="attn")
+                               dt, self.capture, cfg.o_bias, cfg.attention, name="attn")
     a, cache = attn(RMSNorm(cfg.rms_norm_eps, name="attn_norm")(x_BxTxD), sin_cos, mask_BxTxS, cache)
     x = x_BxTxD + a
     mlp = SwiGLU(cfg.intermediate_size, cfg.mlp_bias, dt, name="mlp")
