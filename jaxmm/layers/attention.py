@@ -40,8 +40,10 @@ def attend(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask_BxTxS, scale, impl: str = "xla"
   if mask_BxTxS is not None:
     s = jnp.where(mask_BxTxS[:, None, None], s, jnp.finfo(jnp.float32).min)
   p = jax.nn.softmax(s, axis=-1).astype(v_BxSxGxK.dtype)
-  out = jnp.einsum("bgrts,bsgk->btgrk", p, v_BxSxGxK)
-  return out.reshape(b, t, h * kd)
+  # The product lands in the probabilities' own [B, G, R, T, K] order and is transposed after:
+  # asking the dot for [B, T, G, R, K] directly made XLA CPU's attention 2-3x slower.
+  out = jnp.einsum("bgrts,bsgk->bgrtk", p, v_BxSxGxK)
+  return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h * kd)
 
 
 def fused(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask_BxTxS, scale, impl: str):
