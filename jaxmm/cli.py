@@ -63,6 +63,10 @@ COMMANDS = {
         "jaxmm.eval.vqa",
         "Answer a LLaVA-format question file with a jaxmm vision-language model, and score "
         "it."),
+    ("eval", "lmms-task"): Command(
+        "jaxmm.eval.lmms_task",
+        "Write the lmms-eval task digits_vqa for a LLaVA-format question file, answer key and "
+        "images."),
     ("train", "cadit"): Command(
         "jaxmm.train.cadit",
         "Train CADIT (or the source-only / DANN baselines) on a digits domain-adaptation task."),

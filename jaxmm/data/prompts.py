@@ -37,10 +37,10 @@ class Prompter:
       raise InputError(f"{self.folder}: {_message(e)}") from None
 
   def inputs(self, images, texts, multiple: int = PAD_MULTIPLE) -> dict:
-    """The processor's outputs as NumPy arrays for one image per text, left padded to the
-    longest prompt rounded up to a multiple of `multiple`."""
+    """The processor's outputs as NumPy arrays for the texts and their images (none: text-only
+    prompts), left padded to the longest prompt rounded up to a multiple of `multiple`."""
     try:
-      enc = self.proc(images=list(images), text=list(texts), padding="longest",
+      enc = self.proc(images=list(images) or None, text=list(texts), padding="longest",
                       padding_side="left", pad_to_multiple_of=multiple, return_tensors="np")
     except ValueError as e:
       raise InputError(f"the processor of {self.folder} rejects these inputs: "
