@@ -30,6 +30,7 @@ import jaxmm.cli
 from jaxmm import checkpoint
 from jaxmm.data import prompts, vqa
 from jaxmm.errors import InputError
+from jaxmm.eval import analyze_common as common
 from jaxmm.eval import calibrate
 from jaxmm.eval import vqa as eval_vqa
 from jaxmm.pruning import schedule as schedule_lib
@@ -121,7 +122,7 @@ def one_model(folder, cal, held, key, args) -> dict:
       text = ",".join(f"{st.method}@{st.layer}:{st.keep}" for st in sched)
       results[budget][name] = {"schedule": text, **acc,
                                "average_visual": schedule_lib.average_visual(sched, n_l)}
-      print(f"  {Path(folder).name} budget {budget}: {name:<24} {text:<30} "
+      print(f"  {common.model_name(folder)} budget {budget}: {name:<24} {text:<30} "
             f"{acc['overall']:6.2f}%", flush=True)
   unpruned = accuracy(m, held, args.image_folder, key, (), args)["overall"]
   return {"model": str(folder), "measurements": meas, "unpruned": unpruned, "results": results}
