@@ -1,7 +1,8 @@
 """Derive a pruning schedule from the model's own Entropy Collapse Layer and information horizon.
 
   jaxmm calibrate --model M --questions Q.jsonl --image-folder DIR [--answer-key KEY]
-                  --budget 64|25% [--method entropy|fastv|divprune] --out schedule.json
+                  --budget 64|25% [--method entropy|fastv|divprune|auto] [--no-search]
+                  --out schedule.json
 
 On a calibration question set it measures the ECL curve (`analyze ecl`) and the information
 horizon per question category (`analyze horizon`; the first answer token comes from the answer
@@ -17,6 +18,11 @@ key, or else from the model's own greedy answer), then chooses:
     budget (`schedule.solve_keep`, the largest keep at most the budget); when the layers before
     the ECL alone average more than the budget, the scored stage moves to the latest earlier
     layer that can meet it (as `schedule.from_budget` moves K), and the output says so.
+With an answer key (unless --no-search), those layers are the first of a few candidates built
+from the same measurements (the scored stage at ECL-1 / ECL / ECL+1, the random stage at none,
+each category's horizon, the pooled horizon or the reference's round(0.625 L)); each is solved
+for the budget and answers the calibration questions, and the most accurate wins (ties: the
+rule's own). The file lists every candidate with its calibration accuracy ("search").
 The file holds the schedule text (accepted wherever a schedule is, as `--schedule @FILE`), the
 measurements behind it and the rule that picked each layer. The ECL and horizon rules are
 jaxmm's own (see their `definitions`). Deterministic for a given model, data and seed.
@@ -47,10 +53,15 @@ def add_args(p: argparse.ArgumentParser) -> None:
                  "the horizon follows the model's own greedy answers")
   p.add_argument("--budget", required=True, help="layer-averaged visual tokens: a count (64) or "
                  "a share of each prompt's visual tokens (25%%)")
-  p.add_argument("--method", default="entropy", choices=SCORED)
+  p.add_argument("--method", default="entropy", choices=SCORED + ("auto",),
+                 help="the scored method; auto: the best of them on the calibration questions "
+                 "(needs --answer-key)")
   p.add_argument("--tau", type=float, default=0.05, help="the horizon threshold (jaxmm's own)")
   p.add_argument("--horizon-limit", type=int, default=32,
                  help="questions probed for the horizon (the slow measurement; default 32)")
+  p.add_argument("--no-search", action="store_true",
+                 help="with an answer key: keep the rule's layers instead of picking among the "
+                 "measurement-derived candidates by calibration accuracy")
 
 
 def visual_count(m, rows, pr, image_folder) -> int:
@@ -178,18 +189,22 @@ def measure(m, rows, pr, image_folder, key: dict | None, tau: float = 0.05,
                                        for c, st in hz["categories"].items()}}}
 
 
-def plan(meas: dict, method: str, budget: str) -> dict:
+def plan(meas: dict, method: str, budget: str, layers=None, reason: str | None = None) -> dict:
   """The schedule for `method` at `budget` (a count or a share, --budget's form) from `measure`'s
-  measurements: the layers by `choose`, the free keep by `schedule.solve_keep`."""
+  measurements: the layers by `choose` (or `layers` = (scored, random or None), picked by
+  `search` for `reason`), the free keep by `schedule.solve_keep`."""
   n_visual, n_l = meas["visual_tokens"], meas["num_layers"]
   target = budget_tokens(budget, n_visual)
   horizons = {c: st["horizon"] for c, st in meas["horizon"]["per_category"].items()}
   _, choices = choose(method, meas["ecl"]["ecl_layer"], horizons)
+  if layers is not None:
+    choices = [{**choices[0], "layer": layers[0], "rule": "calibration accuracy",
+                "reason": reason}, {**choices[1], "layer": layers[1],
+                                    "rule": "calibration accuracy", "reason": reason}]
   sched = solve(method, choices, target, n_visual, n_l)
-  text = ",".join(f"{st.method}@{st.layer}:{st.keep}" for st in sched)
   shape = template(method, choices[0]["layer"], choices[1]["layer"])
-  return {"schedule": text, "template": shape, "budget": budget, "budget_tokens": target,
-          "visual_tokens": n_visual, "num_layers": n_l,
+  return {"schedule": schedule_text(sched), "template": shape, "budget": budget,
+          "budget_tokens": target, "visual_tokens": n_visual, "num_layers": n_l,
           "average_visual": schedule_lib.average_visual(sched, n_l), "method": method,
           "choices": choices, "model": meas["model"], "questions": meas["questions"],
           "answers": meas["answers"],
@@ -197,12 +212,95 @@ def plan(meas: dict, method: str, budget: str) -> dict:
           "definitions": {**analyze_ecl.DEFINITIONS, **analyze_horizon.DEFINITIONS}}
 
 
+def candidates(method: str, meas: dict) -> list[tuple[int, int | None, str]]:
+  """(scored layer, random layer or None, where they come from) to try on the calibration set:
+  the scored stage at ECL-1, the ECL and ECL+1 (DivPrune: 0); the random stage at none, each
+  category's horizon and the pooled one, and the reference's round(0.625 L) (pruning.md §10.6).
+  The rule's own choice (`choose`) comes first, so it wins ties."""
+  n_l, ecl = meas["num_layers"], meas["ecl"]["ecl_layer"]
+  lowest = schedule_lib.min_layer(method)
+  scored = [0] if method == "divprune" else sorted(
+      {min(max(k, lowest), n_l - 1) for k in (ecl, ecl - 1, ecl + 1)}, key=lambda k: abs(k - ecl))
+  per_cat = {c: st["horizon"] for c, st in meas["horizon"]["per_category"].items()}
+  lates = {None: "no random stage"}
+  for c, h in sorted(per_cat.items(), key=lambda x: str(x)):
+    if h is not None:
+      lates.setdefault(h, f"the {c!r} horizon")
+  lates.setdefault(min(max(round(0.625 * n_l), 1), n_l - 1), "the reference's round(0.625 L)")
+  _, rule = choose(method, ecl, per_cat)
+  first = (rule[0]["layer"], rule[1]["layer"])
+  out = [(k, r, f"scored at layer {k}, random: {why}") for k in scored for r, why in lates.items()
+         if r is None or r > k]
+  out.sort(key=lambda c: (c[0], c[1]) != first)
+  return out
+
+
+def search(m, rows, image_folder, key: dict, meas: dict, method: str, budget: str,
+           seed: int = 0, batch_size: int = 50) -> dict:
+  """`plan` by calibration accuracy: every candidate's schedule, solved for the budget, answers
+  the calibration questions (2 new tokens, random stages from `seed`); the most accurate wins
+  (ties: the earlier candidate, the rule's own first). Returns `plan`'s record with the
+  "search" table added."""
+  n_visual, n_l = meas["visual_tokens"], meas["num_layers"]
+  target = budget_tokens(budget, n_visual)
+  tried, best, seen = [], None, {}
+  for k, late, why in candidates(method, meas):
+    choices = [{"layer": k, "reason": why, "rule": "candidate"}, {"layer": late}]
+    try:    # as `plan` does, a stage that cannot meet the budget moves earlier
+      sched = solve(method, choices, target, n_visual, n_l)
+    except InputError as e:
+      tried.append({"template": template(method, k, late), "reason": why, "error": str(e)})
+      continue
+    text = schedule_text(sched)
+    if text not in seen:
+      lines, _, _ = eval_vqa.answer_all(m, rows, image_folder, sched, batch_size, 2,
+                                        progress=False, seed=seed)
+      seen[text] = eval_vqa.score(lines, rows, key)["overall"]
+    acc = seen[text]
+    tried.append({"template": template(method, k, late), "reason": why, "accuracy": acc,
+                  "schedule": text})
+    if best is None or acc > best[0]:
+      best = (acc, k, late, why)
+  if best is None:
+    raise InputError(f"budget {budget} is out of reach for every {method} candidate")
+  res = plan(meas, method, budget, layers=best[1:3], reason=best[3])
+  return {**res, "search": tried, "calibration_accuracy": best[0]}
+
+
+def search_methods(m, rows, image_folder, key: dict, meas: dict, budget: str, seed: int = 0,
+                   batch_size: int = 50) -> dict:
+  """--method auto: `search` for each scored method; the most accurate on the calibration
+  questions wins (ties: the order of SCORED). Methods out of reach at the budget are skipped."""
+  best = None
+  for method in SCORED:
+    try:
+      res = search(m, rows, image_folder, key, meas, method, budget, seed, batch_size)
+    except InputError:
+      continue
+    if best is None or res["calibration_accuracy"] > best["calibration_accuracy"]:
+      best = res
+  if best is None:
+    raise InputError(f"budget {budget} is out of reach for every method")
+  return best
+
+
+def schedule_text(sched) -> str:
+  return ",".join(f"{st.method}@{st.layer}:{st.keep}" for st in sched)
+
+
 def calibrate(args) -> dict:
   parse_budget(args.budget)
   m, rows, pr = common.load(args)
   key = vqa.read_answer_key(args.answer_key) if args.answer_key else None
   meas = measure(m, rows, pr, args.image_folder, key, args.tau, args.horizon_limit)
-  return plan(meas, args.method, args.budget)
+  if args.method == "auto" and (key is None or args.no_search):
+    raise InputError("--method auto picks by calibration accuracy: it needs --answer-key "
+                     "(and no --no-search)")
+  if key is None or args.no_search:
+    return plan(meas, args.method, args.budget)
+  if args.method == "auto":
+    return search_methods(m, rows, args.image_folder, key, meas, args.budget)
+  return search(m, rows, args.image_folder, key, meas, args.method, args.budget)
 
 
 def run(args) -> int:

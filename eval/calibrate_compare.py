@@ -9,8 +9,10 @@ calibrate (`jaxmm calibrate`'s measurements: ECL curve and per-category horizons
 key), the questions on every other image are the held-out evaluation set. Per model and budget
 (a layer-averaged visual-token count, or a share such as 25%), it answers the held-out questions
 under:
-  calibrated <method>   `jaxmm calibrate --method <method>`'s schedule (one measurement per
-                        model, solved for each budget)
+  calibrated <method>   `jaxmm calibrate --method <method> --answer-key`'s schedule (one
+                        measurement per model; per budget the candidates picked by calibration
+                        accuracy on the calibration questions only)
+  calibrated auto       `--method auto`: the most accurate of those on the calibration questions
   fixed <method>@2      the reference's scored stage at K = 2 (`schedule.from_budget`, which
                         moves K earlier when the budget needs it), for entropy and fastv
   fixed divprune+random DivPrune at 0 and random at round(0.625 L) keeping 13% (pruning.md §10.6),
@@ -104,14 +106,19 @@ def one_model(folder, cal, held, key, args) -> dict:
   results = {}
   for budget in args.budgets:
     target = calibrate.budget_tokens(budget, n_visual)
-    confs = {}
+    confs, found = {}, {}
     for method in args.methods:
       try:
-        confs[f"calibrated {method}"] = schedule_lib.parse(
-            calibrate.plan(meas, method, budget)["schedule"])
+        found[method] = calibrate.search(m, cal, args.image_folder, key, meas, method, budget,
+                                         batch_size=args.batch_size)
+        confs[f"calibrated {method}"] = schedule_lib.parse(found[method]["schedule"])
       except InputError as e:
         confs[f"calibrated {method}"] = str(e)
       confs.update(fixed_schedules(method, target, n_visual, n_l))
+    # --method auto: the methods' winners, the most accurate on the calibration questions
+    ranked = sorted(found.values(), key=lambda r: -r["calibration_accuracy"])
+    confs["calibrated auto"] = (schedule_lib.parse(ranked[0]["schedule"]) if ranked else
+                                "out of reach for every method")
     results[budget] = {}
     for name, sched in confs.items():
       if isinstance(sched, str):
@@ -138,6 +145,7 @@ def _ms(xs):
 def aggregate(models: list[dict], budgets, methods) -> dict:
   """{budget: {name: {mean, std, per_model}}, plus per method 'calibrated - best fixed'}."""
   out = {}
+  methods = list(methods) + ["auto"]
   for b in budgets:
     names = list(dict.fromkeys(n for mo in models for n in mo["results"][b]))
     rows = {}

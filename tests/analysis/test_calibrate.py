@@ -49,7 +49,7 @@ def _args(d, model, out, *extra):
 def test_schedule_follows_the_measured_layers_and_meets_the_budget(setup, capsys):
   d, model = setup
   assert main(_args(d, model, d / "s.json", "--budget", "50%", "--answer-key",
-                    str(d / "key.jsonl"))) == 0
+                    str(d / "key.jsonl"), "--no-search")) == 0
   res = json.loads((d / "s.json").read_text())
   assert "schedule:" in capsys.readouterr().out
   meas = res["measurements"]
@@ -84,6 +84,57 @@ def test_layer_rules():
   assert choose("fastv", 0, {"all": 5})[0] == "fastv@1:?,random@5:13%"   # FastV's lowest K
   template, why = choose("divprune", 4, {"all": 2})
   assert template == "divprune@0:?,random@2:13%" and why[0]["rule"] == "reference"
+
+
+def test_search_keeps_the_most_accurate_measured_candidate(setup):
+  d, model = setup
+  assert main(_args(d, model, d / "s2.json", "--budget", "50%", "--answer-key",
+                    str(d / "key.jsonl"))) == 0
+  res = json.loads((d / "s2.json").read_text())
+  tried = [t for t in res["search"] if "accuracy" in t]
+  assert tried and res["search"][0]["template"].startswith("entropy@2:?")   # the rule's first
+  best = max(t["accuracy"] for t in tried)
+  winner = next(t for t in tried if t["accuracy"] == best)      # ties: the earliest candidate
+  assert res["schedule"] == winner["schedule"]
+  assert {c["rule"] for c in res["choices"]} == {"calibration accuracy"}
+  # the candidates come from the measurements: layers ECL-1..ECL+1, horizons, the reference's
+  layers = {int(t["template"].split("@")[1].split(":")[0]) for t in res["search"]}
+  assert layers <= {1, 2, 3}
+  # each candidate's accuracy is what eval vqa scores for its schedule on these questions
+  t = tried[-1]
+  got = eval_vqa.evaluate(model, d / "q.jsonl", d, d / "key.jsonl", schedule=t["schedule"],
+                          progress=False, max_new_tokens=2)
+  assert got["overall"] == t["accuracy"]
+
+
+def test_auto_takes_the_most_accurate_method(setup, capsys):
+  d, model = setup
+  key = ["--answer-key", str(d / "key.jsonl")]
+  got = {}
+  for method in ("entropy", "fastv", "divprune", "auto"):
+    assert main(_args(d, model, d / f"{method}.json", "--budget", "50%", "--method", method,
+                      *key)) == 0
+    got[method] = json.loads((d / f"{method}.json").read_text())
+  best = max(got[m]["calibration_accuracy"] for m in ("entropy", "fastv", "divprune"))
+  assert got["auto"]["calibration_accuracy"] == best
+  first = next(m for m in ("entropy", "fastv", "divprune")
+               if got[m]["calibration_accuracy"] == best)            # ties: entropy, fastv, ...
+  assert got["auto"]["method"] == first and got["auto"]["schedule"] == got[first]["schedule"]
+  assert main(_args(d, model, d / "x.json", "--budget", "50%", "--method", "auto")) == 2
+  assert "needs --answer-key" in capsys.readouterr().err
+
+
+def test_candidates_span_the_measured_layers():
+  from jaxmm.eval.calibrate import candidates
+  meas = {"num_layers": 8, "ecl": {"ecl_layer": 4},
+          "horizon": {"per_category": {"all": {"horizon": 7}, "cell": {"horizon": 4},
+                                       "count": {"horizon": None}}}}
+  got = candidates("entropy", meas)
+  assert got[0][:2] == (4, None)             # the rule: count never reaches it, no random stage
+  assert {c[0] for c in got} == {3, 4, 5}
+  assert {c[1] for c in got} == {None, 4, 5, 7}     # cell, the reference's round(5), pooled
+  assert all(r is None or r > k for k, r, _ in got)
+  assert {c[:2] for c in candidates("divprune", meas)} == {(0, None), (0, 4), (0, 5), (0, 7)}
 
 
 def test_a_budget_below_the_ecl_floor_moves_the_scored_stage_earlier():
