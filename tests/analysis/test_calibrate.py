@@ -193,3 +193,12 @@ def test_a_missing_schedule_file_is_a_one_line_error(tmp_path):
   (tmp_path / "bad.json").write_text("{}")
   with pytest.raises(InputError, match="no \"schedule\""):
     schedule_lib.parse(f"@{tmp_path / 'bad.json'}")
+
+
+def test_calibration_sets_without_one_visual_count_are_refused(monkeypatch):
+  from jaxmm.eval import analyze_crossover, calibrate
+  for counts, needle in (({}, "hold no visual tokens"), ({0: 0, 1: 0}, "hold no visual tokens"),
+                         ({0: 16, 1: 36}, "different visual-token counts [16, 36]")):
+    monkeypatch.setattr(analyze_crossover, "visual_counts", lambda *a, counts=counts: counts)
+    with pytest.raises(InputError, match=needle.replace("[", "\\[").replace("]", "\\]")):
+      calibrate.visual_count(None, [], None, None)
