@@ -226,7 +226,7 @@ def candidates(method: str, meas: dict) -> list[tuple[int, int | None, str]]:
   for c, h in sorted(per_cat.items(), key=lambda x: str(x)):
     if h is not None:
       lates.setdefault(h, f"the {c!r} horizon")
-  lates.setdefault(min(max(round(0.625 * n_l), 1), n_l - 1), "the reference's round(0.625 L)")
+  lates.setdefault(schedule_lib.late_layer(n_l), "the reference's round(0.625 L)")
   _, rule = choose(method, ecl, per_cat)
   first = (rule[0]["layer"], rule[1]["layer"])
   out = [(k, r, f"scored at layer {k}, random: {why}") for k in scored for r, why in lates.items()

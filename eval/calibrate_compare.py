@@ -29,7 +29,7 @@ from pathlib import Path
 
 import jaxmm
 import jaxmm.cli
-from jaxmm import checkpoint
+from jaxmm import checkpoint, demo
 from jaxmm.data import prompts, vqa
 from jaxmm.errors import InputError
 from jaxmm.eval import analyze_common as common
@@ -70,10 +70,9 @@ def split_by_image(rows: list[dict], n_images: int) -> tuple[list, list]:
 
 def fixed_schedules(method: str, budget: float, n_visual: int, n_l: int) -> dict:
   """{name: resolved schedule or the reason it is out of reach} of the reference's settings."""
-  late = min(max(round(0.625 * n_l), 1), n_l - 1)
+  mix = calibrate.template("divprune", 0, schedule_lib.late_layer(n_l))
   makers = {"random@0": lambda: schedule_lib.from_budget("random", 0, budget, n_visual, n_l),
-            "fixed divprune+random": lambda: schedule_lib.solve_keep(
-                f"divprune@0:?,random@{late}:{calibrate.RANDOM_SHARE}", budget, n_visual, n_l)}
+            "fixed divprune+random": lambda: schedule_lib.solve_keep(mix, budget, n_visual, n_l)}
   if method != "divprune":
     makers[f"fixed {method}@{FIXED_LAYER}"] = lambda: schedule_lib.from_budget(
         method, min(FIXED_LAYER, n_l - 1), budget, n_visual, n_l)
@@ -135,13 +134,6 @@ def one_model(folder, cal, held, key, args) -> dict:
   return {"model": str(folder), "measurements": meas, "unpruned": unpruned, "results": results}
 
 
-def _ms(xs):
-  xs = [x for x in xs if x is not None]
-  if not xs:
-    return None, None
-  return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else None)
-
-
 def aggregate(models: list[dict], budgets, methods) -> dict:
   """{budget: {name: {mean, std, per_model}}, plus per method 'calibrated - best fixed'}."""
   out = {}
@@ -151,7 +143,7 @@ def aggregate(models: list[dict], budgets, methods) -> dict:
     rows = {}
     for n in names:
       per = [mo["results"][b].get(n, {}).get("overall") for mo in models]
-      mean, std = _ms(per)
+      mean, std = demo.mean_std(per)
       scheds = sorted({mo["results"][b][n]["schedule"] or "out of reach" for mo in models
                        if n in mo["results"][b]})
       rows[n] = {"mean": mean, "std": std, "per_model": per, "schedules": scheds}
@@ -165,7 +157,7 @@ def aggregate(models: list[dict], budgets, methods) -> dict:
         verdicts[method] = {"best_fixed": best, "diff_mean": None, "diff_std": None}
         continue
       d = [c - f for c, f in zip(cal["per_model"], fixed[best]["per_model"])]
-      mean, std = _ms(d)
+      mean, std = demo.mean_std(d)
       worse = mean < 0 and (std is None or -mean > std)
       verdicts[method] = {"best_fixed": best, "diff_mean": mean, "diff_std": std,
                           "per_model": d, "worse_beyond_spread": worse}

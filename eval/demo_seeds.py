@@ -66,7 +66,7 @@ def aggregate(models: list[dict]) -> list[dict]:
     if any(_key(r) != _key(first) for r in mine):
       raise InputError("the models' configurations differ; train them with one preset")
     acc = lambda f: [f(r) for r in mine]
-    stat = lambda xs: dict(zip(("mean", "std"), demo._mean_std(xs)))
+    stat = lambda xs: dict(zip(("mean", "std"), demo.mean_std(xs)))
     rows.append({"method": first["method"], "budget": first["budget"],
                  "schedule": first["schedule"], "average_visual": first["average_visual"],
                  "flops_reduction_pct": first["flops_reduction_pct"],
@@ -83,7 +83,7 @@ def comparisons(rows: list[dict]) -> list[dict]:
     if a["budget"] != b["budget"]:
       continue
     d = [x - y for x, y in zip(a["overall_per_model"], b["overall_per_model"])]
-    mean, std = demo._mean_std(d)
+    mean, std = demo.mean_std(d)
     same_sign = all(x > 0 for x in d) or all(x < 0 for x in d)
     out.append({"budget": a["budget"], "a": a["method"], "b": b["method"], "diff_mean": mean,
                 "diff_std": std, "per_model": d,

@@ -92,7 +92,7 @@ def budget_tokens(pct: int, n_visual: int) -> int:
 
 def mix_template(num_layers: int) -> str:
   """`divprune@0:?,random@L_r:13%` with L_r = round(0.625 L) in [1, L-1] (pruning.md §10.6)."""
-  late = min(max(math.floor(MIX_LATE * num_layers + 0.5), 1), num_layers - 1)
+  late = schedule_lib.late_layer(num_layers, MIX_LATE)
   return f"divprune@0:?,random@{late}:{round(100 * MIX_RATIO)}%"
 
 
@@ -204,7 +204,7 @@ def _pct(x):
   return None if x is None or math.isnan(x) else 100 * x
 
 
-def _mean_std(xs: list) -> tuple:
+def mean_std(xs: list) -> tuple:
   """(mean, sample std or None for one value) of the values that are not None."""
   xs = [x for x in xs if x is not None]
   if not xs:
@@ -215,9 +215,9 @@ def _mean_std(xs: list) -> tuple:
 def accuracy_fields(runs: list[dict], base_overall: float | None) -> dict:
   """Accuracies (%) of one configuration: the mean over its seeds, the std when there are
   several (random stages), per seed, and the retention of the mean."""
-  cat = {k: _mean_std([_pct(r["per_category"].get(k)) for r in runs]) for k in CATEGORIES}
+  cat = {k: mean_std([_pct(r["per_category"].get(k)) for r in runs]) for k in CATEGORIES}
   per_seed = [_pct(r["overall"]) for r in runs]
-  overall, std = _mean_std(per_seed)
+  overall, std = mean_std(per_seed)
   return {"accuracy_pct": {k: v[0] for k, v in cat.items()},
           "accuracy_std_pct": {k: v[1] for k, v in cat.items()},
           "overall_pct": overall, "overall_std_pct": std, "overall_per_seed_pct": per_seed,

@@ -235,6 +235,11 @@ def from_budget(method: str, layer: int, budget: float, n_visual: int, num_layer
                    f"{min_layer(method)} the first layers alone average more visual tokens")
 
 
+def late_layer(num_layers: int, share: float = 0.625) -> int:
+  """The reference's late random stage, round(share L) half up, kept in [1, L-1] (§10.6)."""
+  return min(max(math.floor(share * num_layers + 0.5), 1), num_layers - 1)
+
+
 def solve_keep(template: str, target: float, n_visual: int, num_layers: int, cost=None,
                positions: str | None = None) -> Schedule:
   """The schedule `template` with its one free keep ("?") solved for a budget; resolved.

@@ -143,3 +143,8 @@ def test_solve_keep_with_a_relative_later_stage_and_a_flops_cost():
 def test_solve_keep_errors(template, target, needle):
   with pytest.raises(InputError, match=needle):
     schedule.solve_keep(template, target, 576, 32)
+
+
+def test_late_layer_rounds_half_up_inside_the_decoder():
+  # LLaVA-1.5's 32 layers: 20 (the reference's random@20); 8 -> 5; 4 -> 2.5 rounds up to 3
+  assert [schedule.late_layer(n) for n in (32, 30, 8, 4, 2)] == [20, 19, 5, 3, 1]
