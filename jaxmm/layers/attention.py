@@ -27,18 +27,40 @@ def check_implementation(impl: str) -> None:
 def attend(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask_BxTxS, scale, impl: str = "xla"):
   """Softmax attention with grouped KV heads (H = G * rep). Softmax in float32.
 
-  Masked-out keys get the most negative finite value (not -inf), so a fully masked query row
-  (a left-padding slot) yields a uniform average instead of NaN, as in transformers. `impl`:
+  Masked-out keys get the most negative finite value added (not -inf), so a fully masked query
+  row (a left-padding slot) yields a uniform average instead of NaN, as in transformers. `impl`:
   one of IMPLEMENTATIONS ("dot" and "cudnn" go through `jax.nn.dot_product_attention`).
   """
   if impl != "xla":
     return fused(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask_BxTxS, scale, impl)
   b, t, h, kd = q_BxTxHxK.shape
   g = k_BxSxGxK.shape[2]
+  if t == 1 and g < h:   # decoding GQA: repeating the cache would multiply the bytes read
+    return _grouped(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask_BxTxS, scale)
+  k, v = (jnp.repeat(a, h // g, axis=2) for a in (k_BxSxGxK, v_BxSxGxK))
+  # One [T, K] x [K, S] product per (example, head), straight from the [B, T, H, K] layout, and
+  # the mask as an additive bias: on XLA CPU this form ran the ViT's attention 2-3x and a GQA
+  # prefill 3x faster than grouped 5-D products with `where` (eval/bench_prefill.py).
+  s = jnp.einsum("bthk,bshk->bhts", q_BxTxHxK, k, preferred_element_type=jnp.float32) * scale
+  if mask_BxTxS is not None:
+    s = s + _bias(mask_BxTxS)[:, None]
+  p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
+  return jnp.einsum("bhts,bshk->bhtk", p, v).transpose(0, 2, 1, 3).reshape(b, t, h * kd)
+
+
+def _bias(mask_BxTxS):
+  """f32[B, T, S]: 0 where visible, the most negative finite value where masked."""
+  return jnp.where(mask_BxTxS, 0.0, jnp.finfo(jnp.float32).min)
+
+
+def _grouped(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask_BxTxS, scale):
+  """`attend` with the query heads of a KV group side by side, reading each KV head once."""
+  b, t, h, kd = q_BxTxHxK.shape
+  g = k_BxSxGxK.shape[2]
   q = q_BxTxHxK.reshape(b, t, g, h // g, kd)
   s = jnp.einsum("btgrk,bsgk->bgrts", q, k_BxSxGxK, preferred_element_type=jnp.float32) * scale
   if mask_BxTxS is not None:
-    s = jnp.where(mask_BxTxS[:, None, None], s, jnp.finfo(jnp.float32).min)
+    s = s + _bias(mask_BxTxS)[:, None, None]
   p = jax.nn.softmax(s, axis=-1).astype(v_BxSxGxK.dtype)
   # The product lands in the probabilities' own [B, G, R, T, K] order and is transposed after:
   # asking the dot for [B, T, G, R, K] directly made XLA CPU's attention 2-3x slower.
