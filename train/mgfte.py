@@ -17,6 +17,7 @@ import numpy as np
 from tqdm import tqdm
 
 import jaxmm.cli
+from jaxmm import domain
 from jaxmm.checkpoint import TrainCheckpointer
 from jaxmm.data import fewrel
 from jaxmm.errors import JaxmmError
@@ -49,7 +50,13 @@ def add_args(p):
   p.add_argument("--ckpt-every", type=int, help="default: --eval-every")
   p.add_argument("--log-every", type=int, default=20)
   p.add_argument("--seed", type=int, default=3000)
-  p.add_argument("--adv-mode", choices=("none",) + adversarial.MODES, default="none")
+  p.add_argument("--adv-mode", choices=("none",) + adversarial.MODES + ("dann",), default="none",
+                 help="cross-domain term: a separate adversarial step (inverted, grl, reference) "
+                      "or jaxmm's joint objective (dann: GRL with DANN's ramp + variance floor)")
+  p.add_argument("--adv-weight", type=float, default=1.0,
+                 help="dann: the largest gradient-reversal weight (reached by DANN's ramp)")
+  p.add_argument("--var-floor", type=float, default=1.0,
+                 help="dann: weight of the target features' variance floor (0 = off)")
   p.add_argument("--unlabeled", default=fewrel.SPLITS["unlabeled_pubmed"])
   p.add_argument("--length-buckets", default="48,64,90",
                   help="cut each batch to the smallest of these lengths holding it (exact; '' = off)")
@@ -91,8 +98,12 @@ class Run:
     self.bcfg, enc = _encoder(args, k_enc)
     self.mcfg = model_lib.Config(variant=args.variant, pool_mode=args.pool_mode)
     params = {"encoder": enc, "head": model_lib.init_head(self.mcfg, self.bcfg.hidden_size, k_head)}
+    self.joint = args.adv_mode == "dann"
+    if self.joint:   # the discriminator trains in the head's optimiser group
+      params["disc"] = adversarial.init_discriminator(k_adv, self.bcfg.hidden_size)
     tx = training.make_optimizer(args.enc_lr, args.head_lr, args.weight_decay)
-    self.train_step = training.make_train_step(self.bcfg, self.mcfg, tx)
+    self.train_step = (adversarial.make_joint_step(self.bcfg, self.mcfg, tx, args.var_floor)
+                       if self.joint else training.make_train_step(self.bcfg, self.mcfg, tx))
     self.predict = training.make_predict(self.bcfg, self.mcfg)
     self.state = {"params": params, "opt_state": tx.init(params)}
     self.buckets = training.parse_buckets(args.length_buckets)
@@ -107,6 +118,10 @@ class Run:
       return
     data = fewrel.load_unlabeled(args.unlabeled, tok)
     self.unlabeled = UnlabeledSampler(data, args.n * args.k, args.batch, args.seed + 1)
+    if self.joint:   # the floor: half the initial encoder's spread on the first 256 sentences
+      self.floor = adversarial.feature_floor(self.bcfg, self.mcfg, self.state["params"]["encoder"],
+                                             data.ids[:256], data.mask[:256])
+      return
     enc_tx, disc_tx = adversarial.encoder_optimizer(args.enc_lr, args.weight_decay), \
         adversarial.discriminator_optimizer()
     self.adv_step = adversarial.make_step(self.bcfg, args.adv_mode, enc_tx, disc_tx)
@@ -129,8 +144,16 @@ class Run:
     batch = self.sampler.sample()
     rng = jax.random.fold_in(self.step_key, step)
     st = self.state
-    params, opt_state, m = self.train_step(st["params"], st["opt_state"],
-                                           training.model_inputs(batch, self.buckets), rng)
+    inputs = training.model_inputs(batch, self.buckets)
+    if self.joint:
+      tgt = self.unlabeled.sample()
+      cut = training.bucket_cut(self.buckets, tgt["mask"])   # exact, as model_inputs
+      tgt = {k: jax.numpy.asarray(v[:, :cut]) for k, v in tgt.items()}
+      lam = np.float32(self.args.adv_weight * domain.dann_lambda(step, self.args.steps, 10.0))
+      params, opt_state, m = self.train_step(st["params"], st["opt_state"], inputs, tgt, lam,
+                                             self.floor, rng)
+    else:
+      params, opt_state, m = self.train_step(st["params"], st["opt_state"], inputs, rng)
     self.state = {**st, "params": params, "opt_state": opt_state}
     if self.adv_step is not None:
       m = {**m, **self._adversarial(batch, jax.random.fold_in(rng, 1))}

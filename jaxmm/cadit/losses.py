@@ -120,7 +120,3 @@ def exp_rampup(step, total, frac: float):
   return jnp.exp(-5.0 * (1.0 - ramp_progress(step, total, frac)) ** 2)
 
 
-def dann_lambda(step, total, gamma: float):
-  """2 / (1 + exp(-gamma p)) - 1, p = step / total: 0 -> ~1 (Ganin and Lempitsky)."""
-  p = jnp.clip(step / jnp.maximum(total, 1), 0.0, 1.0)
-  return 2.0 / (1.0 + jnp.exp(-gamma * p)) - 1.0

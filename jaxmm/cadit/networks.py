@@ -131,24 +131,6 @@ class DomainHead(nn.Module):
     return nn.Dense(1, name="fc3")(h)[:, 0]
 
 
-@jax.custom_vjp
-def grad_reverse(x, lam):
-  """Identity forward; multiplies the incoming gradient by -lam (Ganin and Lempitsky 2015)."""
-  del lam
-  return x
-
-
-def _gr_fwd(x, lam):
-  return x, lam
-
-
-def _gr_bwd(lam, g):
-  return (jax.tree.map(lambda t: -lam * t, g), jnp.zeros_like(lam))
-
-
-grad_reverse.defvjp(_gr_fwd, _gr_bwd)
-
-
 class Nets(NamedTuple):
   """Module objects (stateless) for each role; params live in a dict keyed by the same names."""
   g_st: Generator

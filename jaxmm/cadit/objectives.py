@@ -13,7 +13,8 @@ import numpy as np
 
 from jaxmm.cadit import losses
 from jaxmm.cadit.config import Config
-from jaxmm.cadit.networks import Nets, grad_reverse
+from jaxmm.cadit.networks import Nets
+from jaxmm.domain import dann_lambda, grad_reverse
 
 
 def classify(nets: Nets, params, role: str, x, rng=None):
@@ -197,7 +198,7 @@ def _c_t_on_target_and_translations(cfg, nets, params, batch, tr, t, rng):
   logits, feat = classify(nets, params, "c_t", jnp.concatenate([batch["xt"], tr["fake_t"]]), rng)
   if not cfg.lam_feat:
     return (logits[:b], logits[b:]), {}
-  lam = cfg.lam_feat * losses.dann_lambda(t, cfg.steps, cfg.dann_gamma)
+  lam = cfg.lam_feat * dann_lambda(t, cfg.steps, cfg.dann_gamma)
   dom = nets.dom.apply({"params": params["dom"]}, grad_reverse(feat, jnp.asarray(lam)))
   return (logits[:b], logits[b:]), {"feat": losses.domain_loss(dom[b:], dom[:b])}
 
@@ -206,7 +207,7 @@ def dann_loss(cfg: Config, nets: Nets, params, batch, t, rng):
   """DANN on C_t: source CE + domain BCE through gradient reversal of the FC-500 features."""
   logits, feat = classify(nets, params, "c_t", jnp.concatenate([batch["xs"], batch["xt"]]), rng)
   b = len(batch["xs"])
-  lam = cfg.dann_lam * losses.dann_lambda(t, cfg.steps, cfg.dann_gamma)
+  lam = cfg.dann_lam * dann_lambda(t, cfg.steps, cfg.dann_gamma)
   dom = nets.dom.apply({"params": params["dom"]}, grad_reverse(feat, jnp.asarray(lam)))
   cls = losses.cross_entropy(logits[:b], batch["ys"])
   dl = losses.domain_loss(dom[:b], dom[b:])

@@ -8,11 +8,18 @@ Modes:
   "grl"       as "inverted", but the encoder follows -grad L_D (a gradient reversal layer).
   "reference" the shipped code: the discriminator steps on L_D + L_enc and the encoder is never
               updated by this step (its optimiser held no parameters).
+These three run as a second step after the task update, on the BERT pooler output.
+
+"dann" (jaxmm's own objective, `joint_loss`) is instead part of the task step: one loss, one
+optimiser, L = L_task + L_D(GRL_lam(f)) + mu * L_var, on mean-pooled features f (the pooling
+MiniLM was trained with), lam ramped by DANN's schedule, and a variance floor L_var on the
+target features (VICReg-style hinge) against the collapse the separate modes produce.
 """
 import jax
 import jax.numpy as jnp
 import optax
 
+from jaxmm import domain
 from jaxmm.errors import ConfigError
 from jaxmm.mgfte import model as model_lib
 from jaxmm.models import bert
@@ -97,3 +104,58 @@ def make_step(bcfg, mode: str, enc_tx, disc_tx):
 def init_state(key, params, d: int, enc_tx, disc_tx) -> dict:
   disc = init_discriminator(key, d)
   return {"disc": disc, "disc_opt": disc_tx.init(disc), "enc_opt": enc_tx.init(params["encoder"])}
+
+
+# ---- "dann": the joint objective -------------------------------------------------------------
+
+def variance_floor(f_NxD, floor_D):
+  """mean_d relu(floor_d - std_n f[n, d]): 0 while every feature dimension keeps its spread."""
+  return jax.nn.relu(floor_D - jnp.sqrt(f_NxD.var(0) + 1e-6)).mean()
+
+
+def joint_loss(params, bcfg, mcfg, batch, tgt, lam, floor_D, floor_weight: float, rng):
+  """Task loss + domain loss through a gradient reversal + weighted variance floor.
+
+  params = {"encoder", "head", "disc"}; tgt = {"ids", "mask"} i32[M, Lt] target sentences at
+  their own length; the source side is the batch's support sentences (as the reference's
+  adversarial step takes them). The discriminator descends L_D; through `grad_reverse` the
+  encoder ascends lam * L_D. floor_D f[D]: the variance floor of the target features.
+  """
+  k_src, k_tgt, k_disc = jax.random.split(rng, 3)
+  hs, hq = model_lib.encode_episodes(bcfg, mcfg, params["encoder"], batch, k_src)
+  loss, aux = model_lib.task_loss(mcfg, params["head"], hs, hq, batch)
+  l = hs.shape[-2]
+  f_src = model_lib.mean_pooled(hs.reshape(-1, l, hs.shape[-1]), batch["s_mask"].reshape(-1, l))
+  ht = model_lib.encode(bcfg, mcfg, params["encoder"], tgt["ids"], tgt["mask"], k_tgt)
+  f_tgt = model_lib.mean_pooled(ht, tgt["mask"])
+  feats = domain.grad_reverse(jnp.concatenate([f_src, f_tgt]), lam)
+  dom = jnp.concatenate([jnp.zeros(len(f_src), jnp.int32), jnp.ones(len(f_tgt), jnp.int32)])
+  logits = discriminate(params["disc"], feats, k_disc)
+  l_dom, l_var = _ce(logits, dom), variance_floor(f_tgt, floor_D)
+  acc = jnp.mean(jnp.argmax(logits, -1) == dom)
+  return loss + l_dom + floor_weight * l_var, {**aux, "disc_loss": l_dom, "disc_acc": acc,
+                                               "var_loss": l_var, "lam": lam}
+
+
+def make_joint_step(bcfg, mcfg, tx, floor_weight: float):
+  """A jitted step(params, opt_state, batch, tgt, lam f32[], floor f[D], rng) of `joint_loss`
+  under one optimiser (the discriminator in the head's group); -> (params, opt_state, metrics)."""
+
+  @jax.jit
+  def step(params, opt_state, batch, tgt, lam, floor_D, rng):
+    (loss, aux), grads = jax.value_and_grad(joint_loss, has_aux=True)(
+        params, bcfg, mcfg, batch, tgt, lam, floor_D, floor_weight, rng)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, {"loss": loss, **aux}
+
+  return step
+
+
+def feature_floor(bcfg, mcfg, enc_params, ids_NxL, mask_NxL, scale: float = 0.5, chunk: int = 64):
+  """f32[D]: `scale` x the per-dimension std of the mean-pooled features of these sentences
+  under `enc_params` (the initial encoder), encoded without dropout in chunks."""
+  enc = jax.jit(lambda ids, mask: model_lib.mean_pooled(
+      model_lib.encode(bcfg, mcfg, enc_params, ids, mask), mask))
+  f = jnp.concatenate([enc(ids_NxL[i:i + chunk], mask_NxL[i:i + chunk])
+                       for i in range(0, len(ids_NxL), chunk)])
+  return scale * f.std(0)

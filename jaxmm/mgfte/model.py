@@ -146,17 +146,22 @@ def baseline_scores(hs, hp_BxNxTxD, hq_BxQxLxD, smask, qmask):
   return logits, distance_emissions(hq_BxQxLxD, tags_BxQxTxD)
 
 
+def encode_episodes(bcfg, cfg: Config, enc_params, batch, rng=None):
+  """(hs f[B, N, K, L, D], hq f[B, NQ, L, D]): one encoder call over [support; queries]."""
+  b, n, k, l = batch["s_ids"].shape
+  nq = batch["q_ids"].shape[1]
+  ids = jnp.concatenate([batch["s_ids"].reshape(-1, l), batch["q_ids"].reshape(-1, l)])
+  mask = jnp.concatenate([batch["s_mask"].reshape(-1, l), batch["q_mask"].reshape(-1, l)])
+  h = encode(bcfg, cfg, enc_params, ids, mask, rng)
+  return h[:b * n * k].reshape(b, n, k, l, -1), h[b * n * k:].reshape(b, nq, l, -1)
+
+
 def scores(bcfg, cfg: Config, params, batch, *, rng=None, gold_relation: bool):
   """(relation logits f[B, NQ, N], emissions f[B, NQ, L, T]) for a batch of episodes.
 
   `gold_relation`: the entity decoder uses the gold class (training) or the predicted one.
   """
-  b, n, k, l = batch["s_ids"].shape
-  nq = batch["q_ids"].shape[1]
-  ids = jnp.concatenate([batch["s_ids"].reshape(-1, l), batch["q_ids"].reshape(-1, l)])
-  mask = jnp.concatenate([batch["s_mask"].reshape(-1, l), batch["q_mask"].reshape(-1, l)])
-  h = encode(bcfg, cfg, params["encoder"], ids, mask, rng)
-  hs, hq = h[:b * n * k].reshape(b, n, k, l, -1), h[b * n * k:].reshape(b, nq, l, -1)
+  hs, hq = encode_episodes(bcfg, cfg, params["encoder"], batch, rng)
   return head_scores(cfg, params["head"], hs, hq, batch, gold_relation=gold_relation)
 
 
@@ -175,13 +180,25 @@ def head_scores(cfg: Config, head, hs, hq, batch, *, gold_relation: bool):
 
 def loss_fn(params, bcfg, cfg: Config, batch, rng):
   """Relation cross-entropy + CRF NLL, both means over the B * NQ queries (weights 1:1)."""
-  logits, em = scores(bcfg, cfg, params, batch, rng=rng, gold_relation=True)
+  hs, hq = encode_episodes(bcfg, cfg, params["encoder"], batch, rng)
+  return task_loss(cfg, params["head"], hs, hq, batch)
+
+
+def task_loss(cfg: Config, head, hs, hq, batch):
+  """`loss_fn` from the encoder features (shaped as in `head_scores`)."""
+  logits, em = head_scores(cfg, head, hs, hq, batch, gold_relation=True)
   logp = jax.nn.log_softmax(logits, -1)
   rel_loss = -jnp.take_along_axis(logp, batch["q_rel"][..., None], -1).mean()
   flat = lambda x: x.reshape((-1,) + x.shape[2:])
-  ent_loss = -crf_lib.log_likelihood(params["head"]["crf"], flat(em), flat(batch["q_tags"]),
+  ent_loss = -crf_lib.log_likelihood(head["crf"], flat(em), flat(batch["q_tags"]),
                                      flat(batch["q_mask"])).mean()
   return rel_loss + ent_loss, {"relation_loss": rel_loss, "entity_loss": ent_loss}
+
+
+def mean_pooled(h_NxLxD, mask_NxL):
+  """f[N, D]: each sentence's mean feature over its valid tokens (MiniLM's own pooling)."""
+  m = mask_NxL.astype(h_NxLxD.dtype)
+  return (h_NxLxD * m[..., None]).sum(1) / jnp.maximum(m.sum(1, keepdims=True), 1.0)
 
 
 def _decode(head, logits, em, q_mask):

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxmm import domain
 from jaxmm.cadit import losses
 
 K = 10
@@ -113,8 +114,8 @@ def test_ramps():
   np.testing.assert_allclose(losses.exp_rampup(0, 100, 0.2), math.exp(-5), rtol=1e-6)
   assert losses.exp_rampup(20, 100, 0.2) == 1.0 and losses.exp_rampup(90, 100, 0.2) == 1.0
   np.testing.assert_allclose(losses.ramp_progress(10, 100, 0.2), 0.5)
-  assert losses.dann_lambda(0, 100, 10.0) == 0.0
-  np.testing.assert_allclose(losses.dann_lambda(100, 100, 10.0), 2 / (1 + math.exp(-10)) - 1,
+  assert domain.dann_lambda(0, 100, 10.0) == 0.0
+  np.testing.assert_allclose(domain.dann_lambda(100, 100, 10.0), 2 / (1 + math.exp(-10)) - 1,
                              rtol=1e-6)
   np.testing.assert_allclose(losses.domain_loss(jnp.full(3, BIG), jnp.full(3, -BIG)), 0.0,
                              atol=1e-6)

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxmm import domain
 from jaxmm.cadit import config, losses, networks, objectives, steps
 
 CFG = config.tiny()
@@ -33,8 +34,8 @@ def _changed(before, after) -> set:
 def test_grad_reverse_flips_and_scales_gradients():
   x = jnp.array([1.0, -2.0, 3.0])
   w = jnp.array([0.5, 4.0, -1.0])
-  np.testing.assert_array_equal(networks.grad_reverse(x, 0.7), x)
-  g = jax.grad(lambda x: (networks.grad_reverse(x, 0.7) * w).sum())(x)
+  np.testing.assert_array_equal(domain.grad_reverse(x, 0.7), x)
+  g = jax.grad(lambda x: (domain.grad_reverse(x, 0.7) * w).sum())(x)
   np.testing.assert_allclose(g, -0.7 * w, rtol=1e-6)
   g_plain = jax.grad(lambda x: (x * w).sum())(x)
   np.testing.assert_allclose(g, -0.7 * g_plain, rtol=1e-6)
@@ -138,7 +139,7 @@ def test_feature_term_reverses_into_the_classifier_and_trains_the_domain_head():
     return losses.domain_loss(dom[cfg.batch:], dom[:cfg.batch])
 
   want = jax.grad(domain_loss)(params)
-  lam = 0.5 * float(losses.dann_lambda(t, cfg.steps, cfg.dann_gamma))
+  lam = 0.5 * float(domain.dann_lambda(t, cfg.steps, cfg.dann_gamma))
   assert lam > 0.1 and np.abs(jax.tree.leaves(want["c_t"])[0]).max() > 0
   for role, scale in (("dom", 1.0), ("c_t", -lam)):
     for a, b in zip(jax.tree.leaves(extra[role]), jax.tree.leaves(want[role])):
