@@ -175,8 +175,8 @@ def torch_reference(bert_model, num_tags: int = 5, dropout: float = 0.2):
   return Reference()
 
 
-def torch_step(model, batch: dict, b: int, n: int, k: int, q: int):
-  """A step function over one sampled batch (numpy), with the reference's optimiser."""
+def torch_step(model, b: int, n: int, k: int, q: int):
+  """step(batch of numpy arrays) -> loss: one update with the reference's optimiser."""
   import torch
   enc = list(model.bert.parameters())
   ids = {id(p) for p in enc}
@@ -242,7 +242,7 @@ def run(args) -> int:
   with tempfile.TemporaryDirectory(prefix="jaxmm-bench-mgfte-") as tmp:
     jx = jaxmm_step(convert_cli.convert_folder(args.hf, Path(tmp) / "enc"), buckets)
   ref = torch_step(torch_reference(BertModel.from_pretrained(args.hf)),
-                   batches[0], args.batch, args.n, args.k, args.q)
+                   args.batch, args.n, args.k, args.q)
   cuts = sorted({training.bucket_cut(buckets, b["s_mask"], b["q_mask"]) for b in batches})
   t0 = time.perf_counter()
   for c in cuts:   # compile every bucket the timed episodes use

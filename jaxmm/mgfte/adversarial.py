@@ -154,8 +154,9 @@ def make_joint_step(bcfg, mcfg, tx, floor_weight: float):
 def feature_floor(bcfg, mcfg, enc_params, ids_NxL, mask_NxL, scale: float = 0.5, chunk: int = 64):
   """f32[D]: `scale` x the per-dimension std of the mean-pooled features of these sentences
   under `enc_params` (the initial encoder), encoded without dropout in chunks."""
-  enc = jax.jit(lambda ids, mask: model_lib.mean_pooled(
-      model_lib.encode(bcfg, mcfg, enc_params, ids, mask), mask))
-  f = jnp.concatenate([enc(ids_NxL[i:i + chunk], mask_NxL[i:i + chunk])
+  # params are an argument, not closed over: a closure would bake them into the program
+  enc = jax.jit(lambda p, ids, mask: model_lib.mean_pooled(
+      model_lib.encode(bcfg, mcfg, p, ids, mask), mask))
+  f = jnp.concatenate([enc(enc_params, ids_NxL[i:i + chunk], mask_NxL[i:i + chunk])
                        for i in range(0, len(ids_NxL), chunk)])
   return scale * f.std(0)
