@@ -57,6 +57,8 @@ def add_args(p):
                  help="dann: the largest gradient-reversal weight (reached by DANN's ramp)")
   p.add_argument("--var-floor", type=float, default=1.0,
                  help="dann: weight of the target features' variance floor (0 = off)")
+  p.add_argument("--disc-lr", type=float,
+                 help="dann: the discriminator's own Adam learning rate (default: --head-lr)")
   p.add_argument("--unlabeled", default=fewrel.SPLITS["unlabeled_pubmed"])
   p.add_argument("--length-buckets", default="48,64,90",
                   help="cut each batch to the smallest of these lengths holding it (exact; '' = off)")
@@ -99,9 +101,11 @@ class Run:
     self.mcfg = model_lib.Config(variant=args.variant, pool_mode=args.pool_mode)
     params = {"encoder": enc, "head": model_lib.init_head(self.mcfg, self.bcfg.hidden_size, k_head)}
     self.joint = args.adv_mode == "dann"
-    if self.joint:   # the discriminator trains in the head's optimiser group
+    if self.joint:   # the discriminator: the head's optimiser group, or its own with --disc-lr
       params["disc"] = adversarial.init_discriminator(k_adv, self.bcfg.hidden_size)
-    tx = training.make_optimizer(args.enc_lr, args.head_lr, args.weight_decay)
+    if args.disc_lr is not None and not self.joint:
+      raise JaxmmError("--disc-lr applies to --adv-mode dann only")
+    tx = training.make_optimizer(args.enc_lr, args.head_lr, args.weight_decay, args.disc_lr)
     self.train_step = (adversarial.make_joint_step(self.bcfg, self.mcfg, tx, args.var_floor)
                        if self.joint else training.make_train_step(self.bcfg, self.mcfg, tx))
     self.predict = training.make_predict(self.bcfg, self.mcfg)

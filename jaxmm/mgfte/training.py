@@ -35,12 +35,19 @@ def _adam_l2(lr: float, weight_decay: float):
                      optax.scale_by_adam(0.9, 0.999, 1e-8), optax.scale(-lr))
 
 
-def make_optimizer(enc_lr: float = 1e-5, head_lr: float = 1e-3, weight_decay: float = 1e-5):
-  """Two groups: the BERT encoder at enc_lr, everything else (fusion, relation MLP, CRF) at head_lr."""
-  labels = lambda params: {k: jax.tree.map(lambda _: "encoder" if k == "encoder" else "head", v)
-                           for k, v in params.items()}
-  return optax.multi_transform({"encoder": _adam_l2(enc_lr, weight_decay),
-                                "head": _adam_l2(head_lr, weight_decay)}, labels)
+def make_optimizer(enc_lr: float = 1e-5, head_lr: float = 1e-3, weight_decay: float = 1e-5,
+                   disc_lr: float | None = None):
+  """Groups: the BERT encoder at enc_lr, everything else (fusion, relation MLP, CRF) at head_lr.
+  With disc_lr, a params["disc"] subtree (the dann discriminator) gets its own group at disc_lr."""
+  def group(k):
+    if k == "encoder":
+      return "encoder"
+    return "disc" if k == "disc" and disc_lr is not None else "head"
+  labels = lambda params: {k: jax.tree.map(lambda _: group(k), v) for k, v in params.items()}
+  groups = {"encoder": _adam_l2(enc_lr, weight_decay), "head": _adam_l2(head_lr, weight_decay)}
+  if disc_lr is not None:
+    groups["disc"] = _adam_l2(disc_lr, weight_decay)
+  return optax.multi_transform(groups, labels)
 
 
 def parse_buckets(text: str) -> tuple:

@@ -123,10 +123,19 @@ def test_feature_term_reverses_into_the_classifier_and_trains_the_domain_head():
   """lam_feat adds the domain loss of the DANN head on C_t features (translated source = 1,
   real target = 0): the head descends it, C_t gets its gradient reversed and scaled by
   lam = lam_feat * dann_lambda(t); nothing else changes."""
+  # In float64: `extra` is a difference of two whole gradients, and in float32 its rounding
+  # (about 1e-5 of the gradients' scale) is larger than the tolerance on small entries.
+  with jax.enable_x64(True):
+    _check_feature_term()
+
+
+def _check_feature_term():
   cfg = dataclasses.replace(CFG, lam_feat=0.5)
   nets = networks.build(cfg)
-  params = networks.init_params(cfg, jax.random.key(0, impl="rbg"))
-  batch = _batch(cfg)
+  f64 = lambda tree: jax.tree.map(
+      lambda x: x.astype(jnp.float64) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+  params = f64(networks.init_params(cfg, jax.random.key(0, impl="rbg")))
+  batch = f64(_batch(cfg))
   tr = objectives.translations(cfg, nets, params, batch["xs"], batch["xt"])
   t, rng = cfg.steps // 2, jax.random.key(1, impl="rbg")
   grad = lambda c: jax.grad(lambda p: objectives.c_loss(c, nets, p, batch, tr, t, rng)[0])(params)
@@ -139,6 +148,7 @@ def test_feature_term_reverses_into_the_classifier_and_trains_the_domain_head():
     return losses.domain_loss(dom[cfg.batch:], dom[:cfg.batch])
 
   want = jax.grad(domain_loss)(params)
+  assert all(leaf.dtype == jnp.float64 for leaf in jax.tree.leaves([extra, want]))
   lam = 0.5 * float(domain.dann_lambda(t, cfg.steps, cfg.dann_gamma))
   assert lam > 0.1 and np.abs(jax.tree.leaves(want["c_t"])[0]).max() > 0
   for role, scale in (("dom", 1.0), ("c_t", -lam)):

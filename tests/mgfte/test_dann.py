@@ -75,6 +75,19 @@ def test_encoder_gets_minus_lambda_times_the_domain_gradient():
   np.testing.assert_allclose(_flat(g1["head"]), _flat(g0["head"]), rtol=1e-5, atol=1e-8)
 
 
+def test_disc_lr_gives_the_discriminator_its_own_group():
+  from jaxmm.mgfte import training
+  params = {k: {"w": jnp.ones(3)} for k in ("encoder", "head", "disc")}
+  grads = jax.tree.map(lambda x: 2.0 * x, params)
+  # Adam's first step moves every coordinate by its group's lr (g / |g|), which reads the groups.
+  for disc_lr, want in ((None, 1e-3), (1e-5, 1e-5)):
+    tx = training.make_optimizer(enc_lr=1e-4, head_lr=1e-3, weight_decay=0.0, disc_lr=disc_lr)
+    upd, _ = tx.update(grads, tx.init(params), params)
+    np.testing.assert_allclose(upd["disc"]["w"], -want, rtol=1e-4)
+    np.testing.assert_allclose(upd["head"]["w"], -1e-3, rtol=1e-4)
+    np.testing.assert_allclose(upd["encoder"]["w"], -1e-4, rtol=1e-4)
+
+
 def test_variance_floor_is_a_hinge_on_each_dimensions_spread():
   same = jnp.ones((8, 4))
   np.testing.assert_allclose(adversarial.variance_floor(same, jnp.full(4, 0.5)), 0.5 - 1e-3,
