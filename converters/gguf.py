@@ -5,6 +5,8 @@ gguf, not serializable"). The recipe of architecture.md §6 works around it: sav
 with `safetensors.torch.save_model`, drop `config.quantization_config`, save config and
 tokenizer. The folder then loads with `LlamaForCausalLM.from_pretrained` and `jaxmm convert`s.
 """
+import contextlib
+import functools
 import importlib.util
 from pathlib import Path
 
@@ -28,6 +30,30 @@ def smollm2_gguf() -> Path:
   return files[0]
 
 
+@contextlib.contextmanager
+def _parse_once():
+  """Within it, the `gguf` package's file reader and tensor-name map are built once per argument.
+
+  A transformers GGUF load parses the file's metadata four times (config, weights, tokenizer
+  config, tokenizer) and builds the tensor-name map once per submodule; for SmolLM2 that took
+  ~18 of the conversion's ~20 s. transformers imports both names from `gguf` inside its
+  functions, so replacing the module attributes reaches every call; without `gguf` it is a no-op.
+  """
+  try:
+    import gguf
+  except ImportError:
+    yield
+    return
+  saved = {name: getattr(gguf, name) for name in ("GGUFReader", "get_tensor_name_map")}
+  for name, fn in saved.items():   # both are called with hashable arguments (a path; ints, enums)
+    setattr(gguf, name, functools.lru_cache(maxsize=None)(fn))
+  try:
+    yield
+  finally:
+    for name, fn in saved.items():
+      setattr(gguf, name, fn)
+
+
 def gguf_to_hf(gguf_file, out, overwrite: bool = False) -> Path:
   """Writes the dequantized model of `gguf_file` as a Hugging Face folder `out` (atomically)."""
   gguf_file = Path(gguf_file)
@@ -39,8 +65,9 @@ def gguf_to_hf(gguf_file, out, overwrite: bool = False) -> Path:
 
   folder, name = gguf_file.parent, gguf_file.name
   try:
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    with _parse_once():
+      model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)
+      tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
   except (OSError, ValueError, KeyError) as e:  # transformers' ways of saying "cannot read it"
     raise ConversionError(f"cannot load GGUF file {gguf_file}: {type(e).__name__}: {e}") from None
   with atomic_dir(out, overwrite) as tmp:

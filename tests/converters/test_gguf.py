@@ -1,6 +1,7 @@
 """GGUF -> Hugging Face folder -> jaxmm, on a tiny GGUF file written in the test."""
 import json
 
+import gguf
 import numpy as np
 import torch
 from gguf import GGUFWriter
@@ -54,7 +55,9 @@ def test_gguf_to_hf_then_convert(tmp_path):
   write_tiny_gguf(gguf_file)
   oracle = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=gguf_file.name).eval()
 
-  hf = gguf_to_hf(gguf_file, tmp_path / "hf")
+  originals = (gguf.GGUFReader, gguf.get_tensor_name_map)
+  hf = gguf_to_hf(gguf_file, tmp_path / "hf")   # parses once (cached reader), same tensors
+  assert (gguf.GGUFReader, gguf.get_tensor_name_map) == originals   # the cache is undone
   assert "quantization_config" not in json.loads((hf / "config.json").read_text())
   assert (hf / "tokenizer.json").is_file()
   reloaded = LlamaForCausalLM.from_pretrained(hf).eval()
