@@ -11,8 +11,8 @@ os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""),
                                     "--xla_llvm_disable_expensive_passes=true",
                                     "--xla_cpu_use_fusion_emitters=false"]).strip()
 
-# Two pytest workers share the cores: a multi-threaded torch (OpenMP) spins on a busy core, and
-# the real-weight parity tests ran 2-4x slower for it. Set before torch is first imported.
+# Two pytest workers share the cores: a multi-threaded torch (OpenMP) spins on a busy core (next
+# to one, the SmolLM2 generation test took 49 s instead of 13 s). Set before torch is imported.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import jax  # noqa: E402  (after XLA_FLAGS)

@@ -87,6 +87,8 @@ class Run:
   """Everything one training run holds; `state` is the checkpointed pytree."""
 
   def __init__(self, args):
+    if args.disc_lr is not None and args.adv_mode != "dann":   # before any data is read
+      raise JaxmmError("--disc-lr applies to --adv-mode dann only")
     self.args, self.out = args, Path(args.out)
     self.tok_dir = args.tokenizer or args.model
     if not self.tok_dir:
@@ -103,8 +105,6 @@ class Run:
     self.joint = args.adv_mode == "dann"
     if self.joint:   # the discriminator: the head's optimiser group, or its own with --disc-lr
       params["disc"] = adversarial.init_discriminator(k_adv, self.bcfg.hidden_size)
-    if args.disc_lr is not None and not self.joint:
-      raise JaxmmError("--disc-lr applies to --adv-mode dann only")
     tx = training.make_optimizer(args.enc_lr, args.head_lr, args.weight_decay, args.disc_lr)
     self.train_step = (adversarial.make_joint_step(self.bcfg, self.mcfg, tx, args.var_floor)
                        if self.joint else training.make_train_step(self.bcfg, self.mcfg, tx))

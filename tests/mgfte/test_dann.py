@@ -88,6 +88,15 @@ def test_disc_lr_gives_the_discriminator_its_own_group():
     np.testing.assert_allclose(upd["encoder"]["w"], -1e-4, rtol=1e-4)
 
 
+def test_disc_lr_without_dann_is_a_one_line_error(tmp_path, capsys):
+  from jaxmm.cli import module_main
+  rc = module_main("jaxmm.train.mgfte", ["--tiny", "--tokenizer", str(tmp_path), "--out",
+                                         str(tmp_path / "run"), "--disc-lr", "1e-4"])
+  err = capsys.readouterr().err
+  assert rc == 2 and err.strip() == "error: --disc-lr applies to --adv-mode dann only", err
+  assert not (tmp_path / "run").exists()
+
+
 def test_variance_floor_is_a_hinge_on_each_dimensions_spread():
   same = jnp.ones((8, 4))
   np.testing.assert_allclose(adversarial.variance_floor(same, jnp.full(4, 0.5)), 0.5 - 1e-3,
