@@ -145,6 +145,14 @@ def _restore_target(meta, shardings, dtype):
   return jax.tree.map(struct, meta, shardings, is_leaf=lambda x: hasattr(x, "shape"))
 
 
+def check_same_run(directory, mine: dict, saved: dict) -> None:
+  """JaxmmError when a folder's saved run settings differ from this run's (the keys of `mine`)."""
+  diff = sorted(k for k in mine if saved.get(k) != mine[k])
+  if diff:
+    raise JaxmmError(f"{directory} holds a different run (differs in {diff}); "
+                     "use another --out folder or delete it")
+
+
 class TrainCheckpointer:
   """Periodic, resumable training checkpoints: a state pytree plus JSON metadata per step.
 

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 import jaxmm.cli
 from jaxmm import domain
-from jaxmm.checkpoint import TrainCheckpointer
+from jaxmm.checkpoint import TrainCheckpointer, check_same_run
 from jaxmm.data import fewrel
 from jaxmm.errors import JaxmmError
 from jaxmm.mgfte import adversarial, training
@@ -213,7 +213,27 @@ def _resume(run: Run, ckpt: TrainCheckpointer, log: Path) -> int:
   return step + 1
 
 
+# Settings a resumed run may change: the length and cadence, and the test hook.
+RESUMABLE_CHANGES = frozenset({"steps", "eval_every", "ckpt_every", "log_every", "kill_at_step"})
+
+
+def _check_resumable(out: Path, args) -> None:
+  """A folder holding checkpoints resumes only under the settings it was started with (before
+  args.json is rewritten and before a checkpoint of another shape is read)."""
+  saved = out / "args.json"
+  if not (out / "ckpt").is_dir() or not saved.is_file():
+    return
+  ckpt = TrainCheckpointer(out / "ckpt")
+  started = ckpt.latest_step() is not None
+  ckpt.close()
+  if started:
+    mine = {k: v for k, v in json.loads(json.dumps(vars(args))).items()
+            if k not in RESUMABLE_CHANGES}
+    check_same_run(out, mine, json.loads(saved.read_text()))
+
+
 def run(args) -> int:
+  _check_resumable(Path(args.out), args)
   r = Run(args)
   r.out.mkdir(parents=True, exist_ok=True)
   (r.out / "args.json").write_text(json.dumps(vars(args), indent=2))

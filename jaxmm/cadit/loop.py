@@ -26,7 +26,7 @@ from jaxmm import api, checkpoint
 from jaxmm.cadit import config as config_lib
 from jaxmm.cadit import evaluate, steps
 from jaxmm.data.digits import Domain, Stream
-from jaxmm.errors import ConfigError, InputError, JaxmmError
+from jaxmm.errors import ConfigError, InputError
 
 FAMILY = "cadit"
 
@@ -66,11 +66,7 @@ def _restore(ckpt, spec: RunSpec, state, streams):
   if restored is None:
     return 0, state, 0.0
   step, state, meta = restored
-  mine = spec.meta()
-  diff = sorted(k for k in mine if meta.get(k) != mine[k])
-  if diff:
-    raise JaxmmError(f"{ckpt.directory} holds a different run (differs in {diff}); "
-                     "use another --out folder or delete it")
+  checkpoint.check_same_run(ckpt.directory, spec.meta(), meta)
   for stream, st in zip(streams, meta["streams"]):
     stream.restore(st)
   return step, state, float(meta.get("wall_s", 0.0))
