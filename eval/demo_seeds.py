@@ -72,6 +72,7 @@ def aggregate(models: list[dict]) -> list[dict]:
                  "flops_reduction_pct": first["flops_reduction_pct"],
                  "overall": stat(acc(lambda r: r["overall_pct"])),
                  "overall_per_model": acc(lambda r: r["overall_pct"]),
+                 "ink_kept": stat(acc(lambda r: r.get("ink_kept_pct"))),
                  **{k: stat(acc(lambda r, k=k: r["accuracy_pct"][k])) for k in demo.CATEGORIES}})
   return rows
 
@@ -98,10 +99,10 @@ def _ms(s: dict) -> str:
 
 def markdown(rows: list[dict]) -> str:
   head = ("| method | budget (avg vis) | schedule | avg vis | cell | count | presence | overall "
-          "| FLOPs reduction % |\n" + "| --- " * 9 + "|")
+          "| ink kept % | FLOPs reduction % |\n" + "| --- " * 10 + "|")
   lines = [f"| {r['method']} | {r['budget']} | `{r['schedule']}` | {r['average_visual']:.1f} | "
            + " | ".join(_ms(r[k]) for k in demo.CATEGORIES) + f" | {_ms(r['overall'])} | "
-           f"{r['flops_reduction_pct']:.1f} |" for r in rows]
+           f"{_ms(r['ink_kept'])} | {r['flops_reduction_pct']:.1f} |" for r in rows]
   return "\n".join([head] + lines)
 
 

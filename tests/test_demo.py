@@ -4,7 +4,11 @@ import json
 import statistics
 
 import jax
+import numpy as np
 import pytest
+from PIL import Image
+
+import jaxmm
 
 from jaxmm import demo
 from jaxmm.cli import module_main
@@ -13,7 +17,7 @@ from jaxmm.train import vlm
 
 ROW_FIELDS = {"method", "budget_pct", "budget", "seeds", "overall_std_pct", "schedule", "stages", "average_visual", "accuracy_pct",
               "overall_pct", "retention_pct", "flops_reduction_pct", "latency_median_s",
-              "latency_ratio", "eval_s"}
+              "latency_ratio", "eval_s", "ink_kept_pct"}
 
 
 @pytest.fixture
@@ -80,5 +84,27 @@ def test_demo_end_to_end(tmp_path, monkeypatch, capsys, fast_compile):
     assert [r["budget"] for r in mine] == ([8, 7, 5] if "divprune" in method else [8, 7])
     red = [r["flops_reduction_pct"] for r in mine]
     assert red == sorted(red), (method, red)    # more as the budget shrinks
+  assert rows[0]["ink_kept_pct"] == 100
+  for r in (next(r for r in rows if r["method"] == m) for m in ("entropy", "divprune")):
+    assert r["ink_kept_pct"] == pytest.approx(_ink_kept_by_hand(folder, tmp_path / "cache", r))
   assert (out / "demo_accuracy_vs_flops.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   assert not [p for p in out.iterdir() if p.name.startswith(".")]   # no temporaries left
+
+
+def _ink_kept_by_hand(folder, cache, row) -> float:
+  """% of the ink patches (any non-black pixel in the PNG) among the row's kept visual tokens."""
+  split = next(cache.glob("digits-vqa-test-*"))
+  qs = [json.loads(line) for line in (split / "questions.jsonl").read_text().splitlines()]
+  m = jaxmm.load(folder)
+  p = m.config.vision.patch_size
+  x = demo.timing_batch(m, {"questions": split / "questions.jsonl", "images": split / "images"},
+                        len(qs))
+  kept = np.asarray(jaxmm.forward(m, schedule=row["schedule"], **x).kept[0])
+  hits = total = 0
+  for q, ids, k in zip(qs, x["input_ids"], kept):
+    img = np.asarray(Image.open(split / "images" / q["image"]).convert("L"))
+    ink = img.reshape(img.shape[0] // p, p, -1, p).max((1, 3)).reshape(-1) > 0
+    vis = [int(i) for i in np.flatnonzero(ids == m.config.image_token_id)]
+    hits += sum(ink[vis.index(int(j))] for j in k if j >= 0)
+    total += ink.sum()
+  return 100 * hits / total

@@ -186,9 +186,13 @@ def cell_of_patch(tc) -> np.ndarray:
 
 def ink_patches(tc, pixels_BxCxHxW):
   """bool[B, V]: the patches (row-major) that hold any ink, i.e. any pixel above background."""
+  return ink_of_pixels(pixels_BxCxHxW, tc.patch_size)
+
+
+def ink_of_pixels(pixels_BxCxHxW, p: int):
+  """`ink_patches` for patch size p, from CLIP-normalised pixel values f32[B, 3, H, W]."""
   blank = -CLIP_MEAN[0] / CLIP_STD[0]
   b, _, h, w = pixels_BxCxHxW.shape
-  p = tc.patch_size
   ink = pixels_BxCxHxW[:, 0] > blank + 1e-3
   return ink.reshape(b, h // p, p, w // p, p).any((2, 4)).reshape(b, -1)
 
@@ -268,12 +272,34 @@ def grounding_loss(cfg: LlavaConfig, tc, logp_BxHxTxS, mask_BxTxS, ids_BxT,
   return total / jnp.maximum(count, 1.0)
 
 
-def decoder_pass(cfg: LlavaConfig, tc, params, ids_BxT, feats_BxVxD):
+def drop_blank(tc, rng: np.random.Generator, ids_BxT, pixels, image_token_id: int):
+  """bool[B, T]: the visual slots a training step removes (`TrainConfig.drop_prob`). With
+  probability drop_prob a conversation loses a fraction u ~ U(0, drop_max) of its blank (ink-free)
+  visual tokens, chosen uniformly; ink tokens and text are never removed, so every answer stays
+  determined by what is left. Host-side NumPy, drawn from the step's own generator."""
+  ids_BxT = np.asarray(ids_BxT)
+  dropped = np.zeros(ids_BxT.shape, bool)
+  if not tc.drop_prob:
+    return dropped
+  blank = ~ink_patches(tc, np.asarray(pixels))   # [B, V]
+  for b in range(len(ids_BxT)):
+    if rng.random() >= tc.drop_prob:
+      continue
+    slots = np.flatnonzero(ids_BxT[b] == image_token_id)[blank[b]]
+    n = int(round(rng.uniform(0.0, tc.drop_max) * len(slots)))
+    dropped[b, rng.choice(slots, n, replace=False)] = True
+  return dropped
+
+
+def decoder_pass(cfg: LlavaConfig, tc, params, ids_BxT, feats_BxVxD, dropped_BxT=None):
   """The decoder over right-padded conversations through the one prefill path
-  (`segments.prefill`, unpruned), with the captures the losses read. Returns (h f[B, T, D]
-  leaving the last layer, hidden f[L, B, T, D] each layer's output or None, the "attn_logp"
-  f32[B, H, T, S] of layer `ground_layer` or None)."""
+  (`segments.prefill`, unpruned), with the captures the losses read. `dropped_BxT` (bool, or
+  None): slots removed as a compacting pruning stage removes them, i.e. invisible as keys and
+  skipped by the position ids. Returns (h f[B, T, D] leaving the last layer, hidden f[L, B, T, D]
+  each layer's output or None, the "attn_logp" f32[B, H, T, S] of layer `ground_layer` or None)."""
   valid = ids_BxT != cfg.text.pad_token_id
+  if dropped_BxT is not None:
+    valid = valid & ~dropped_BxT
   x = llava.merge_image_features(cfg, llama.embed(cfg.text, params["llm"], ids_BxT), ids_BxT,
                                  feats_BxVxD)
   b, t = ids_BxT.shape
@@ -289,11 +315,12 @@ def decoder_pass(cfg: LlavaConfig, tc, params, ids_BxT, feats_BxVxD):
 
 
 def loss_fn(cfg: LlavaConfig, tc, digit_ids, train, ids_BxT, target_BxT, key_BxT,
-            pixels, cells_BxC, frozen_llm: bool, n_targets: int | None = None):
+            pixels, cells_BxC, dropped_BxT, frozen_llm: bool, n_targets: int | None = None):
   """Answer cross-entropy plus the weighted auxiliary losses; (loss, {metric: value}).
 
   ids/target/key [B, T] as `encode_training_set` gives them, pixels f32[B, 3, H, W], cells
-  i32[B, G*G] the digit of each grid cell (row-major). `train` holds "params", "aux" and, with
+  i32[B, G*G] the digit of each grid cell (row-major), dropped bool[B, T] the visual slots this
+  step removes (`drop_blank`; all False without the augmentation). `train` holds "params", "aux" and, with
   LoRA, "lora". n_targets (static), when given, is at least the number of target tokens of any
   row: the LM head then runs on those positions only.
   """
@@ -304,11 +331,11 @@ def loss_fn(cfg: LlavaConfig, tc, digit_ids, train, ids_BxT, target_BxT, key_BxT
     llm = params["llm"]
     params = {**params, "llm": {**llm, "layers": lora_merge(llm["layers"], train["lora"])}}
   feats = llava.image_features(cfg, params, pixels)
-  h, hidden, logp = decoder_pass(cfg, tc, params, ids_BxT, feats)
+  h, hidden, logp = decoder_pass(cfg, tc, params, ids_BxT, feats, dropped_BxT)
   probe = (probe_loss(cfg, train["aux"], hidden[tc.probe_layer - 1], key_BxT)
            if tc.probe_weight else jnp.zeros(()))
-  ground = (grounding_loss(cfg, tc, logp, causal_mask(ids_BxT != cfg.text.pad_token_id),
-                           ids_BxT, key_BxT, cells_BxC, pixels)
+  kept = (ids_BxT != cfg.text.pad_token_id) & ~dropped_BxT
+  ground = (grounding_loss(cfg, tc, logp, causal_mask(kept), ids_BxT, key_BxT, cells_BxC, pixels)
             if tc.ground_weight else jnp.zeros(()))
   early = (early_answer_loss(cfg, params["llm"], hidden[tc.early_layer - 1], ids_BxT,
                              key_BxT) if tc.early_weight else jnp.zeros(()))

@@ -148,6 +148,8 @@ def test_every_auxiliary_signal_trains_and_is_logged(run):
     (dict(early_layer=2), "early_layer must be in 1..1"),
     (dict(count_head="sink"), "count_head must be"),
     (dict(patch_size=32), "grid cells must align with patches"),
+    (dict(drop_prob=1.5), "drop_prob and drop_max must lie in"),
+    (dict(drop_max=-0.1), "drop_prob and drop_max must lie in"),
 ])
 def test_a_config_the_losses_cannot_use_is_refused_before_any_work(change, match):
   from jaxmm.errors import JaxmmError
@@ -178,3 +180,46 @@ def test_the_counting_head_shares_no_keys_with_the_lookup_head(heads, kv_heads, 
   assert head == want
   group = heads // kv_heads
   assert kv_heads == 1 or head // group != 0            # another KV group than head 0's
+
+
+def test_the_drop_augmentation_removes_only_blank_visual_tokens(run):
+  tc = dataclasses.replace(TC, drop_prob=1.0, drop_max=0.9)
+  ids, px = run.ids[:8], run.pixels[:8]
+  draw = lambda t, seed: vlm_task.drop_blank(t, np.random.default_rng(seed), ids, px,
+                                             run.cfg.image_token_id)
+  dropped = draw(tc, 0)
+  img = ids == run.cfg.image_token_id
+  ink = np.zeros_like(img)
+  ink[img] = np.asarray(vlm_task.ink_patches(TC, px)).reshape(-1)
+  assert not (dropped & ~img).any() and not (dropped & ink).any()   # text and ink stay
+  blank = (img & ~ink).sum(1)
+  assert (dropped.sum(1) <= np.round(0.9 * blank)).all() and dropped.sum() > 0
+  np.testing.assert_array_equal(draw(tc, 0), dropped)                # a function of the seed
+  assert not draw(TC, 0).any()                                       # off by default
+
+
+def test_a_dropped_slot_is_removed_as_a_compacting_pruning_stage_removes_it(run):
+  """decoder_pass with dropped slots == the decoder run on the kept slots alone, renumbered."""
+  tc = dataclasses.replace(TC, drop_prob=1.0, drop_max=0.9, probe_weight=0.0, early_weight=0.0,
+                           ground_weight=0.0)
+  ids, px = run.ids[:3], run.pixels[:3]
+  dropped = vlm_task.drop_blank(tc, np.random.default_rng(3), ids, px, run.cfg.image_token_id)
+  cfg, params = run.cfg, run.state["params"]
+  feats = llava.image_features(cfg, params, px)
+  for fn in (vlm_task.decoder_pass, jax.jit(vlm_task.decoder_pass, static_argnums=(0, 1))):
+    h = np.asarray(fn(cfg, tc, params, ids, feats, jnp.asarray(dropped))[0])
+    x = llava.merge_image_features(cfg, llama.embed(cfg.text, params["llm"], ids), ids, feats)
+    for b in range(len(ids)):
+      keep = np.flatnonzero((ids[b] != cfg.text.pad_token_id) & ~dropped[b])
+      n = len(keep)
+      slots = jnp.arange(n)[None]
+      want = llama.run_layers(cfg.text, params["llm"]["layers"], x[b:b + 1, keep], slots,
+                              llama.attention_mask(slots, jnp.ones((1, n), bool))).x
+      np.testing.assert_allclose(h[b, keep], np.asarray(want[0]), rtol=2e-5, atol=2e-5)
+
+
+def test_a_run_with_the_drop_augmentation_trains():
+  r = vlm.Run(dataclasses.replace(TC, drop_prob=1.0))
+  rec = r.step(1)
+  assert all(np.isfinite(rec[k]) for k in ("loss", "ground_loss", "early_loss"))
+  assert vlm.robust() == dataclasses.replace(vlm.default(), drop_prob=0.5, drop_max=0.9)
