@@ -320,9 +320,9 @@ def loss_fn(cfg: LlavaConfig, tc, digit_ids, train, ids_BxT, target_BxT, key_BxT
 
   ids/target/key [B, T] as `encode_training_set` gives them, pixels f32[B, 3, H, W], cells
   i32[B, G*G] the digit of each grid cell (row-major), dropped bool[B, T] the visual slots this
-  step removes (`drop_blank`; all False without the augmentation). `train` holds "params", "aux" and, with
-  LoRA, "lora". n_targets (static), when given, is at least the number of target tokens of any
-  row: the LM head then runs on those positions only.
+  step removes (`drop_blank`; all False without the augmentation). `train` holds "params",
+  "aux" and, with LoRA, "lora". n_targets (static), when given, is at least the number of target
+  tokens of any row: the LM head then runs on those positions only.
   """
   params = train["params"]
   if frozen_llm:  # no weight gradients for the LLM; activations still carry them to the vision
