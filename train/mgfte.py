@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 import jaxmm.cli
 from jaxmm import domain
-from jaxmm.checkpoint import TrainCheckpointer, check_same_run
+from jaxmm.checkpoint import TrainCheckpointer, check_same_run, write_json
 from jaxmm.data import fewrel
 from jaxmm.errors import JaxmmError
 from jaxmm.mgfte import adversarial, training
@@ -236,7 +236,7 @@ def run(args) -> int:
   _check_resumable(Path(args.out), args)
   r = Run(args)
   r.out.mkdir(parents=True, exist_ok=True)
-  (r.out / "args.json").write_text(json.dumps(vars(args), indent=2))
+  write_json(r.out / "args.json", vars(args))   # atomic: a kill never truncates the run's record
   log = r.out / "log.jsonl"
   ckpt_every = args.ckpt_every or args.eval_every
   ckpt = TrainCheckpointer(r.out / "ckpt", max_to_keep=2)

@@ -218,8 +218,17 @@ def test_a_dropped_slot_is_removed_as_a_compacting_pruning_stage_removes_it(run)
       np.testing.assert_allclose(h[b, keep], np.asarray(want[0]), rtol=2e-5, atol=2e-5)
 
 
-def test_a_run_with_the_drop_augmentation_trains():
+def test_a_training_step_uses_the_mask_drawn_for_it():
+  """Run.step's loss is loss_fn's under drop_blank's mask for (seed, step), not the unmasked one."""
   r = vlm.Run(dataclasses.replace(TC, drop_prob=1.0))
-  rec = r.step(1)
-  assert all(np.isfinite(rec[k]) for k in ("loss", "ground_loss", "early_loss"))
-  assert vlm.robust() == dataclasses.replace(vlm.default(), drop_prob=0.5, drop_max=0.9)
+  rows = vlm.batch_rows(r.tc, 1, len(r.ids))
+  batch = (r.ids[rows], r.target[rows], r.key[rows], r.pixels[rows], r.cells[rows])
+  dropped = vlm_task.drop_blank(r.tc, np.random.default_rng([r.tc.seed, 1, 1]), r.ids[rows],
+                                r.pixels[rows], r.cfg.image_token_id)
+  assert dropped.any()
+  train = jax.tree.map(np.array, {k: v for k, v in r.state.items() if k != "opt_state"})
+  loss = lambda mask: float(vlm_task.loss_fn(r.cfg, r.tc, r.digit_ids, train, *batch, mask,
+                                             False, int(r.target[:, 1:].sum(1).max()))[0])
+  got = r.step(1)["loss"]   # the loss before the update (the step donates the old state)
+  np.testing.assert_allclose(got, loss(dropped), rtol=1e-5)
+  assert abs(got - loss(np.zeros_like(dropped))) > 1e-4
