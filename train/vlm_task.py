@@ -6,6 +6,8 @@ explained where they are defined. The decoder runs through the one prefill path
 (`models.segments.prefill`); grounding reads its "attn_logp" capture. `tc` is the run's
 `jaxmm.train.vlm.TrainConfig`.
 """
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -308,8 +310,8 @@ def decoder_pass(cfg: LlavaConfig, tc, params, ids_BxT, feats_BxVxD, dropped_BxT
                      origin=jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)))
   stack = ("hidden",) if tc.probe_weight or tc.early_weight else ()
   probes = {tc.ground_layer: ("attn_logp",)} if tc.ground_weight else None
-  pre = segments.prefill(llava.decoder(cfg), params["llm"], state, (), None, stack=stack,
-                         probes=probes)
+  dec = dataclasses.replace(llava.decoder(cfg), remat=True)   # see `llama.Decoder.remat`
+  pre = segments.prefill(dec, params["llm"], state, (), None, stack=stack, probes=probes)
   logp = pre.probed[tc.ground_layer]["attn_logp"] if tc.ground_weight else None
   return pre.segments[-1].state.hidden, pre.stacked.get("hidden"), logp
 

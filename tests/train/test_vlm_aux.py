@@ -99,7 +99,7 @@ def test_grounding_loss_equals_the_attention_mass_computed_by_hand(run, count_he
   tc = dataclasses.replace(TC, count_head=count_head)
   rows = np.arange(4)
   ids, key = run.ids[rows], run.key[rows]
-  px, cells = run.pixels[rows], run.cells[rows]
+  px, cells = run.pixels(rows), run.cells[rows]
   params, cfg = run.state["params"], run.cfg
   # A random-init model attends almost uniformly: perturb the weights so the check has teeth.
   leaves, tree = jax.tree.flatten(params["llm"])
@@ -184,7 +184,7 @@ def test_the_counting_head_shares_no_keys_with_the_lookup_head(heads, kv_heads, 
 
 def test_the_drop_augmentation_removes_only_blank_visual_tokens(run):
   tc = dataclasses.replace(TC, drop_prob=1.0, drop_max=0.9)
-  ids, px = run.ids[:8], run.pixels[:8]
+  ids, px = run.ids[:8], run.pixels(slice(8))
   draw = lambda t, seed: vlm_task.drop_blank(t, np.random.default_rng(seed), ids, px,
                                              run.cfg.image_token_id)
   dropped = draw(tc, 0)
@@ -202,7 +202,7 @@ def test_a_dropped_slot_is_removed_as_a_compacting_pruning_stage_removes_it(run)
   """decoder_pass with dropped slots == the decoder run on the kept slots alone, renumbered."""
   tc = dataclasses.replace(TC, drop_prob=1.0, drop_max=0.9, probe_weight=0.0, early_weight=0.0,
                            ground_weight=0.0)
-  ids, px = run.ids[:3], run.pixels[:3]
+  ids, px = run.ids[:3], run.pixels(slice(3))
   dropped = vlm_task.drop_blank(tc, np.random.default_rng(3), ids, px, run.cfg.image_token_id)
   cfg, params = run.cfg, run.state["params"]
   feats = llava.image_features(cfg, params, px)
@@ -222,9 +222,9 @@ def test_a_training_step_uses_the_mask_drawn_for_it():
   """Run.step's loss is loss_fn's under drop_blank's mask for (seed, step), not the unmasked one."""
   r = vlm.Run(dataclasses.replace(TC, drop_prob=1.0))
   rows = vlm.batch_rows(r.tc, 1, len(r.ids))
-  batch = (r.ids[rows], r.target[rows], r.key[rows], r.pixels[rows], r.cells[rows])
+  batch = (r.ids[rows], r.target[rows], r.key[rows], r.pixels(rows), r.cells[rows])
   dropped = vlm_task.drop_blank(r.tc, np.random.default_rng([r.tc.seed, 1, 1]), r.ids[rows],
-                                r.pixels[rows], r.cfg.image_token_id)
+                                r.pixels(rows), r.cfg.image_token_id)
   assert dropped.any()
   train = jax.tree.map(np.array, {k: v for k, v in r.state.items() if k != "opt_state"})
   loss = lambda mask: float(vlm_task.loss_fn(r.cfg, r.tc, r.digit_ids, train, *batch, mask,
@@ -232,3 +232,13 @@ def test_a_training_step_uses_the_mask_drawn_for_it():
   got = r.step(1)["loss"]   # the loss before the update (the step donates the old state)
   np.testing.assert_allclose(got, loss(dropped), rtol=1e-5)
   assert abs(got - loss(np.zeros_like(dropped))) > 1e-4
+
+
+def test_the_training_decoder_recomputes_its_layers_in_the_backward_pass(run):
+  """decoder_pass differentiates through `jax.checkpoint`ed layers (`llama.Decoder.remat`, whose
+  gradients tests/models/test_remat.py checks): saving them cost the step a third of its time."""
+  ids, px = run.ids[:2], run.pixels(slice(2))
+  cfg, params = run.cfg, run.state["params"]
+  feats = llava.image_features(cfg, params, px)
+  loss = lambda p: jnp.sum(vlm_task.decoder_pass(cfg, TC, p, ids, feats)[0] ** 2)
+  assert "remat2[" in str(jax.make_jaxpr(jax.grad(loss))(params))   # jax.checkpoint's primitive

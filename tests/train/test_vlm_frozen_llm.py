@@ -99,7 +99,7 @@ def test_saved_model_is_the_merged_decoder(trained):
 def test_lm_head_on_target_positions_only_gives_the_same_loss_and_gradients(trained):
   run, _, _ = trained
   rows = np.arange(4)
-  args = (run.ids[rows], run.target[rows], run.key[rows], run.pixels[rows], run.cells[rows],
+  args = (run.ids[rows], run.target[rows], run.key[rows], run.pixels(rows), run.cells[rows],
           np.zeros(run.ids[rows].shape, bool))
   train = {k: v for k, v in run.state.items() if k != "opt_state"}
   n = int(run.target[:, 1:].sum(1).max())
