@@ -275,9 +275,10 @@ class Run:
                                                           self.tok.pad_token_id, tc.data.grid)
     # The first of a split (the aux head once drew the second): the measured runs' init.
     key = jax.random.split(jax.random.key(tc.seed))[0]
-    # One compiled program instead of ~180 eager ones (9 s on 2 cores).
-    init = jax.jit(lambda k, lp: llava.init_params(self.cfg, k, tc.pos_init, llm=lp))
-    params = init(key, llm.params if llm else None)
+    # One compiled program instead of ~180 eager ones (9 s on 2 cores). A frozen LLM's params
+    # stay outside it (passing them through would copy them); `{}` holds their place.
+    init = jax.jit(lambda k: llava.init_params(self.cfg, k, tc.pos_init, llm={} if llm else None))
+    params = init(key) | ({"llm": llm.params} if llm else {})
     train = {"params": params, "aux": vlm_task.init_aux_head(self.cfg, tc)}
     if tc.lora_rank:
       train["lora"] = init_lora(params["llm"]["layers"], tc.lora_rank, jax.random.key(tc.seed + 1))

@@ -134,7 +134,7 @@ class Decoder:
 
   remat: differentiate through `jax.checkpoint`ed layers (training). Saving each layer's
   attention probabilities f32[B, H, T, S] for the backward pass costs more memory traffic than
-  computing them again: the digits-VQA training step runs 1.5x faster with it on 2 CPU cores.
+  computing them again: the digits-VQA training step took 131 ms instead of 190 on 2 CPU cores.
   """
   cfg: LlamaConfig
   remat: bool = False
