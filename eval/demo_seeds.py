@@ -116,6 +116,7 @@ def summary(models: list[dict], rows: list[dict]) -> dict:
 def run(args) -> int:
   if len(args.seeds) < 2 or len(set(args.seeds)) != len(args.seeds):
     raise InputError(f"--seeds needs at least two distinct training seeds, got {args.seeds}")
+  vlm.use_cpu_devices(vlm.PRESETS[args.preset]().batch_size)   # data-parallel training
   models = per_model(args)
   rows = aggregate(models)
   comps = comparisons(rows)

@@ -378,7 +378,8 @@ def plot(res: dict, path: Path) -> Path:
 
 def run(args) -> int:
   t0 = time.perf_counter()
-  if not args.model:
+  if not args.model:   # data-parallel training when the model is not cached (the eval uses one)
+    vlm.use_cpu_devices(vlm.PRESETS[args.preset]().batch_size)
     print(f"model: the {args.preset!r} preset of jaxmm.train.vlm, trained once into {args.cache}",
           flush=True)
   folder = model_folder(args)
