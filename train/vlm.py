@@ -217,9 +217,10 @@ def batch_rows(tc: TrainConfig, step: int, n: int) -> np.ndarray:
 
 def cpu_devices(batch_size: int, cores: int | None = None) -> int:
   """How many XLA devices a CPU host is split into for training: two per core, at most the batch,
-  and a divisor of it. On 2 cores the default preset's step (batch 8) took 148 ms on one device,
-  113 ms on 2, 104 ms on 4 and 164 ms on 8 (medians of 40 steps, one machine): each device's
-  half-batch keeps its attention intermediates in cache, and the devices' small ops overlap."""
+  and a divisor of it. On 2 cores the default preset's step (batch 8) took 148-153 ms on one
+  device, 113 ms on 2, 91-104 ms on 4 and 164 ms on 8 (medians of 40-60 steps, one machine):
+  a device's share of the batch keeps its attention intermediates in cache, and the devices'
+  small ops overlap."""
   cores = cores or os.cpu_count() or 1
   return max(d for d in range(1, min(2 * cores, batch_size) + 1) if batch_size % d == 0)
 

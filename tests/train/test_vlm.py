@@ -85,6 +85,12 @@ def test_sincos_positions_are_distinct_unit_scale_codes():
   np.testing.assert_allclose(np.linalg.norm(pe[1:], axis=-1), np.sqrt(32), rtol=1e-5)
 
 
+@pytest.mark.parametrize("batch,cores,want", [(8, 2, 4), (4, 2, 4), (6, 2, 3), (7, 2, 1),
+                                               (32, 8, 16), (1, 2, 1), (8, 1, 2)])
+def test_a_cpu_host_is_split_into_two_devices_per_core_that_divide_the_batch(batch, cores, want):
+  assert vlm.cpu_devices(batch, cores) == want
+
+
 def test_a_run_with_another_config_is_refused(tmp_path):
   vlm._check_same_config(tmp_path, TINY, None)
   with pytest.raises(JaxmmError, match="another configuration"):
