@@ -1,6 +1,6 @@
 """The demo table over independently trained models: mean ± std across training seeds.
 
-  python -m jaxmm.eval.demo_seeds [--seeds 0 1 2] [--preset default] [--images 200]
+  python -m jaxmm.eval.demo_seeds [--seeds 0 1 2] [--preset robust] [--images 200]
       [--cache DIR] [--out results/demo_seeds.json] [--summary docs/demo_seeds.json]
 
 For each training seed, trains the preset's model with that seed (`jaxmm.train.vlm.ensure_model`,
@@ -31,7 +31,7 @@ from jaxmm.train import vlm
 
 def add_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds")
-  p.add_argument("--preset", choices=sorted(vlm.PRESETS), default="default")
+  p.add_argument("--preset", choices=sorted(vlm.PRESETS), default=demo.PRESET)
   p.add_argument("--images", type=int, default=200, help="test images (3 questions each)")
   p.add_argument("--batch-size", type=int, default=50)
   p.add_argument("--max-new-tokens", type=int, default=2)
@@ -106,9 +106,10 @@ def markdown(rows: list[dict]) -> str:
   return "\n".join([head] + lines)
 
 
-def summary(models: list[dict], rows: list[dict]) -> dict:
+def summary(models: list[dict], rows: list[dict], preset: str) -> dict:
   pruned = [r["overall"]["std"] for r in rows[1:] if r["overall"]["std"] is not None]
-  return {"models": len(models), "training_seeds": [m["training_seed"] for m in models],
+  return {"preset": preset, "models": len(models),
+          "training_seeds": [m["training_seed"] for m in models],
           "unpruned_std": rows[0]["overall"]["std"], "pruned_std_min": min(pruned),
           "pruned_std_max": max(pruned), "pruned_std_median": statistics.median(pruned)}
 
@@ -130,7 +131,7 @@ def run(args) -> int:
   checkpoint.write_json(Path(args.out), res)
   print(f"wrote {args.out}")
   if args.summary:
-    checkpoint.write_json(Path(args.summary), summary(models, rows))
+    checkpoint.write_json(Path(args.summary), summary(models, rows, args.preset))
     print(f"wrote {args.summary}")
   return 0
 

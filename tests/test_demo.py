@@ -108,3 +108,12 @@ def _ink_kept_by_hand(folder, cache, row) -> float:
     hits += sum(ink[vis.index(int(j))] for j in k if j >= 0)
     total += ink.sum()
   return 100 * hits / total
+
+
+def test_the_spread_note_is_printed_only_for_the_preset_its_table_was_trained_with(capsys):
+  # docs/demo_seeds.json is the README's multi-model table of make demo's own preset.
+  assert json.loads(demo.SEEDS_SUMMARY.read_text())["preset"] == demo.PRESET
+  demo.print_spread_note(demo.PRESET)
+  assert f"models of the {demo.PRESET!r} preset" in capsys.readouterr().out
+  demo.print_spread_note("tiny")
+  assert capsys.readouterr().out == ""

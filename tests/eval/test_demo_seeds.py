@@ -26,8 +26,9 @@ def test_mean_and_sample_std_per_row():
   assert rows[1]["overall"]["mean"] == pytest.approx(230 / 3)
   assert rows[1]["overall"]["std"] == pytest.approx(4.163331998932265)   # stdev(80, 78, 72)
   assert rows[1]["overall_per_model"] == [80, 78, 72]
-  summ = demo_seeds.summary(_models(), rows)
+  summ = demo_seeds.summary(_models(), rows, "robust")
   assert summ["models"] == 3 and summ["unpruned_std"] == pytest.approx(2.0)
+  assert summ["preset"] == "robust"
 
 
 def test_only_same_sign_differences_beyond_their_spread_are_claimed():
