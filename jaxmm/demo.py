@@ -345,7 +345,8 @@ def print_spread_note(preset: str, path: Path = SEEDS_SUMMARY) -> None:
     return
   print(f"This table is one trained model. The README's table is the mean ± std over "
         f"{summ['models']} models of the {preset!r} preset trained with seeds "
-        f"{summ['training_seeds']} ({path.relative_to(ROOT)}): unpruned overall std {summ['unpruned_std']:.1f} points, "
+        f"{summ['training_seeds']} ({path.relative_to(ROOT)}): unpruned overall std "
+        f"{summ['unpruned_std']:.1f} points, "
         f"pruned rows' std {summ['pruned_std_min']:.1f}-{summ['pruned_std_max']:.1f} points "
         f"(median {summ['pruned_std_median']:.1f}), so this model's pruned rows may differ from it "
         f"by that much. The trained weights follow the training seed and XLA's CPU numerics, "

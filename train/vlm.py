@@ -100,9 +100,10 @@ def default() -> TrainConfig:
   histogram-counting head in another KV group (`grounding_loss`), and the answer read early,
   after layer 4 (`early_answer_loss`). Also: 2-D sin/cos ViT positions, a 3x learning rate on
   the image side and RoPE base 1e6 (more slowly rotating dimensions for content lookup).
-  4000 steps of batch 8 (about 6 minutes on 2 CPU cores, with the rematerialised decoder,
-  `llama.Decoder.remat`, data parallel over 4 CPU devices, `cpu_devices`): at 3000 steps the count answers were not reliably learned (the
-  seed-0 model scored 92.8% overall with this code, 95.3-96.7% with earlier numerics).
+  4000 steps of batch 8 (6-12 minutes on 2 CPU cores, by machine; with the rematerialised decoder,
+  `llama.Decoder.remat`, data parallel over 4 CPU devices, `cpu_devices`): at 3000 steps the
+  count answers were not reliably learned (the seed-0 model scored 92.8% overall with the
+  one-device code of 2026-12-01, 95.3-96.7% with earlier numerics).
   """
   return TrainConfig(data=digits_vqa.DigitsVQAConfig(grid=3, cell_px=32, tiles=4), patch_size=8,
                      vision_width=64, vision_layers=2, text_width=64, text_layers=8,
