@@ -219,25 +219,25 @@ def batch_rows(tc: TrainConfig, step: int, n: int) -> np.ndarray:
 def cpu_devices(batch_size: int, cores: int | None = None) -> int:
   """How many XLA devices a CPU host is split into for training: two per core, at most the batch,
   and a divisor of it. On 2 cores the default preset's step (batch 8) took 148-153 ms on one
-  device, 113 ms on 2, 91-104 ms on 4 and 164 ms on 8 (medians of 40-60 steps, one machine):
+  device, 113 ms on 2, 91-104 ms on 4 and 164 ms on 8 (medians of 40-60 steps, one machine
+  at about 247 GFLOP/s, NumPy f32 1024² matmul):
   a device's share of the batch keeps its attention intermediates in cache, and the devices'
   small ops overlap."""
   cores = cores or os.cpu_count() or 1
   return max(d for d in range(1, min(2 * cores, batch_size) + 1) if batch_size % d == 0)
 
 
-def use_cpu_devices(batch_size: int) -> int:
+def use_cpu_devices(batch_size: int) -> None:
   """Splits the CPU host into `cpu_devices(batch_size)` devices (`jax_num_cpu_devices`) if JAX has
-  not started its backends yet and nothing set a count; returns the CPU device count in force.
-  Call it first thing in a process that will train (`jaxmm train vlm`, `make demo`). Devices
-  other than the first stay idle outside training."""
+  not started its backends yet and nothing set a count. Call it first thing in a process that
+  will train (`jaxmm train vlm`, `make demo`); it starts no backend. Devices other than the
+  first stay idle outside training."""
   if jax.config.jax_num_cpu_devices < 0 and "host_platform_device_count" not in \
       os.environ.get("XLA_FLAGS", ""):
     try:
       jax.config.update("jax_num_cpu_devices", cpu_devices(batch_size))
     except RuntimeError:   # the backends already started: train on the devices there are
       pass
-  return len(jax.devices("cpu"))
 
 
 def data_mesh(batch_size: int) -> Mesh | None:
